@@ -1,0 +1,1 @@
+"""Typer command-line front end of metakd (console script ``metakd``)."""

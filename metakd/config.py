@@ -1,0 +1,331 @@
+"""Typed experiment configuration (one schema, validated by pydantic).
+
+The defaults *are* the embedded default experiment: the paper's synthetic task
+(logistic-regression teacher and student, 15 training points), so ``metakd train``
+with no config file runs it. YAML files in ``configs/`` override any subset of keys,
+and ``key=value`` overrides (dotted keys, values parsed as YAML) override those.
+
+We use pydantic rather than hand-rolled parsing: it gives typed defaults, range checks
+and precise error locations; :func:`load_config` turns its errors into one line each that
+names the key, what was expected and the nearest valid key when the key is a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ForecastConfig",
+    "HypergradConfig",
+    "MetaConfig",
+    "MetaParamSpec",
+    "ModelConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the key/file and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MetaParamSpec(_Strict):
+    """One metaparameter: raw value r (optimised), constrained value v = c(r).
+
+    constraint: ``sigmoid`` v = lo + (hi - lo)·σ(r) in (lo, hi); ``softplus`` v = lo + softplus(r);
+    ``exp`` v = exp(r); ``identity`` v = r.
+    """
+
+    constraint: Literal["sigmoid", "softplus", "exp", "identity"] = "sigmoid"
+    lo: float = 0.0
+    hi: float = 1.0
+    init: float | None = Field(
+        default=None, description="constrained initial value; None draws raw ~ U(init_range)"
+    )
+    init_range: tuple[float, float] = (-1.0, 1.0)
+    shape: list[int] = Field(default_factory=list, description="[] for a scalar")
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaParamSpec:
+        if self.constraint == "sigmoid" and not self.lo < self.hi:
+            raise ValueError(f"range needs lo < hi, got lo={self.lo}, hi={self.hi}")
+        if self.init_range[0] > self.init_range[1]:
+            raise ValueError(f"init_range needs low <= high, got {list(self.init_range)}")
+        if self.init is not None and self.constraint == "sigmoid" and not self.lo < self.init < self.hi:
+            raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
+        if any(s < 1 for s in self.shape):
+            raise ValueError(f"shape entries must be >= 1, got {self.shape}")
+        return self
+
+
+def _default_meta_params() -> dict[str, MetaParamSpec]:
+    # The paper's parameterisation: beta = sigmoid(raw), T = 0.1 + 9.9 sigmoid(raw);
+    # raw init U(-1, 1) for the betas and U(-2, 0) for T.
+    return {
+        "beta1": MetaParamSpec(lo=0.0, hi=1.0, init_range=(-1.0, 1.0)),
+        "beta2": MetaParamSpec(lo=0.0, hi=1.0, init_range=(-1.0, 1.0)),
+        "temperature": MetaParamSpec(lo=0.1, hi=10.0, init_range=(-2.0, 0.0)),
+    }
+
+
+class ModelConfig(_Strict):
+    """A model from the registry (``logreg``, ``mlp``, ``cifar_very_tiny``, ``cifar_tiny``,
+    ``resnet18``) or any ``torch.nn.Module`` given as ``"package.module:ClassName"``."""
+
+    name: str = "logreg"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    name: Literal["synthetic", "cifar10", "imagefolder"] = "synthetic"
+    # synthetic (PAPER.md): x ~ N(0, I2), y = [sign(x1 x2 + noise eps) > 0]
+    published: bool = Field(
+        default=False, description="the published dataset: numpy legacy seed 42, same draw order"
+    )
+    n_teacher: int = Field(default=200, ge=1)
+    n_train: int = Field(default=15, ge=1)
+    n_val: int = Field(default=15, ge=1)
+    n_test: int = Field(default=200, ge=1)
+    noise: float = Field(default=0.5, ge=0.0)
+    val_is_test: bool = Field(
+        default=False, description="reference protocol: tune the metaparameters on the test set"
+    )
+    # image data
+    root: str | None = None
+    test_root: str | None = None
+    download: bool = False
+    normalize: bool = True
+    augment: bool = False
+    cache_dir: str = ".cache/metakd"
+    data_seed: int | None = Field(
+        default=None, description="seed of the data split/generation; None uses the run seed"
+    )
+
+
+class TeacherConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    checkpoint: str | None = Field(
+        default=None, description="trained teacher checkpoint; None trains one in-process first"
+    )
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=10_000, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="None: full batch")
+
+
+class TrainConfig(_Strict):
+    """Student training (the inner problem)."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=20_000, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="None: full batch")
+    eval_every: int = Field(default=500, ge=0, description="evaluate every N steps; 0: every epoch")
+    log_every: int = Field(default=10, ge=1, description="write a metrics row every N steps")
+    checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint every N epochs")
+    hinton_scaling: bool = Field(default=False, description="multiply the distillation term by T²")
+
+
+class HypergradConfig(_Strict):
+    method: Literal["reverse", "forward", "finite-difference"] = "reverse"
+    backend: Literal["func", "torchopt", "higher"] = "func"
+    fd_eps: float = Field(default=0.01, gt=0, description="finite-difference: eps = fd_eps/‖∇L_val‖")
+    checkpoint: bool = Field(default=False, description="reverse: recompute unrolled steps")
+
+
+class MetaConfig(_Strict):
+    method: Literal["baseline", "fixed", "random", "hypergrad", "forecast"] = "hypergrad"
+    params: dict[str, MetaParamSpec] = Field(default_factory=_default_meta_params)
+    values: dict[str, float] = Field(
+        default_factory=dict, description="method=fixed: constrained value per metaparameter"
+    )
+    unroll: int = Field(default=1, ge=1, description="η: inner steps unrolled per hypergradient")
+    every: int = Field(default=1, ge=1, description="a meta step every N training steps")
+    hypergrad: HypergradConfig = Field(default_factory=HypergradConfig)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    clip: float | None = Field(default=1.0, gt=0, description="clip each hypergradient's norm")
+    val_batch_size: int | None = Field(default=None, ge=1, description="None: full batch")
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaConfig:
+        unknown = set(self.values) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"values has keys {sorted(unknown)} that are not metaparameters {sorted(self.params)}"
+            )
+        return self
+
+
+class ForecastConfig(_Strict):
+    """The paper's forecast schedule: windows of ``window`` steps cycle through ``optimize``
+    windows with meta steps and ``predict`` windows where λ follows the forecaster."""
+
+    window: int = Field(default=10, ge=1)
+    optimize: int = Field(default=1, ge=1)
+    predict: int = Field(default=1, ge=1)
+    forecaster: str = "linear"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    target: Literal["values", "gradients"] = "values"
+    history: Literal["window", "all"] | int = Field(
+        default="window", description="points fitted: last optimize window(s), all, or N points"
+    )
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"history needs at least 2 points, got {v}")
+        return v
+
+
+class WandbConfig(_Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "metakd"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    dir: str | None = Field(default=None, description="None: the run directory")
+    init_timeout: float = Field(default=30.0, gt=0)
+
+
+class Config(_Strict):
+    """A complete experiment. ``metakd train`` with no file uses these defaults: the synthetic task."""
+
+    name: str = "synthetic"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str | None = Field(default=None, description="run directory; None: runs/<name>-<timestamp>")
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
+    forecast: ForecastConfig = Field(default_factory=ForecastConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain, YAML/JSON-serialisable dict of a config (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, key + "."))
+    return keys
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. meta.unroll=5)"
+            )
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _loc_key(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _format_error(err: Mapping[str, Any], source: str) -> str:
+    key = _loc_key(err["loc"])
+    kind = err["type"]
+    where = f" (in {source})" if source else ""
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.6)
+        if not close:
+            leaf = key.rsplit(".", 1)[-1]
+            leaves = {k.rsplit(".", 1)[-1]: k for k in _valid_keys(Config)}
+            near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.7)
+            close = [leaves[near[0]]] if near else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown config key {key!r}{where}{hint}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"config key {key or '<root>'!r}{where}: {msg}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the embedded default when ``path`` is None), apply overrides,
+    validate. Raises :class:`ConfigError` with one line per problem."""
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass a YAML file such as configs/synthetic.yaml"
+            )
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    overrides = list(overrides)
+    apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
