@@ -1,0 +1,1 @@
+"""Importable user components for the tests (``tests/`` is on ``sys.path`` under pytest)."""
