@@ -1,0 +1,95 @@
+"""Seeded batches of the meta-trainer: every batch is a pure function of (seed, step).
+
+Epoch e shuffles D_train with a generator seeded by (seed, 0, e); step s of the epoch takes rows
+[s·B, (s+1)·B) of that permutation (the last batch may be shorter; full batch when B is None).
+Augmentation of step s draws from (seed, 2, s) and the validation batch of a meta step at s from
+(seed, 1, s). So a hypergradient can look ahead at the batches the next η real steps will
+consume, and a resumed run sees the same batches without any stream state in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from metakd.data import Splits
+
+__all__ = ["Batch", "BatchStream", "derive_seed"]
+
+#: (x, y, teacher logits or None)
+Batch = tuple[Tensor, Tensor, Tensor | None]
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed for the stream named by ``parts`` (e.g. (run seed, stream, step))."""
+    seq = np.random.SeedSequence([int(p) % 2**63 for p in parts])
+    return int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class BatchStream:
+    """Train batches (x, y, teacher logits) and validation batches of one run."""
+
+    def __init__(
+        self,
+        splits: Splits,
+        teacher_logits: Tensor | None,
+        *,
+        seed: int,
+        batch_size: int | None,
+        val_batch_size: int | None = None,
+        augment: bool = False,
+    ) -> None:
+        self.splits = splits
+        self.teacher_logits = teacher_logits
+        self.seed = seed
+        self.n = int(splits.train.y.shape[0])
+        self.batch_size = self.n if batch_size is None else min(batch_size, self.n)
+        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+        self.val_batch_size = val_batch_size
+        self.augment = augment
+        self._perms: dict[int, Tensor] = {}
+        self._cache: dict[int, Batch] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=gen)
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> Batch:
+        """The train batch of 0-based ``step`` (cached until :meth:`consumed`)."""
+        if step in self._cache:
+            return self._cache[step]
+        tr = self.splits.train
+        x, y, t = tr.x, tr.y, self.teacher_logits
+        if self.batch_size < self.n:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            idx = self._perm(epoch)[j * self.batch_size : (j + 1) * self.batch_size].to(x.device)
+            x, y, t = x[idx], y[idx], (t[idx] if t is not None else None)
+        if self.augment:
+            from metakd import data  # the data module pulls in torchvision; import on demand
+
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, step))
+            x = data.augment_batch(x, gen)
+        self._cache[step] = (x, y, t)
+        return x, y, t
+
+    def consumed(self, step: int) -> None:
+        """Forget cached batches up to and including ``step``."""
+        self._cache = {k: v for k, v in self._cache.items() if k > step}
+
+    def val_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The validation batch of a meta step at ``step`` (all of D_val when the size is None)."""
+        v = self.splits.val
+        n, vb = int(v.y.shape[0]), self.val_batch_size
+        if vb is None or vb >= n:
+            return v.x, v.y
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, 1, step))
+        idx = torch.randperm(n, generator=gen)[:vb].to(v.x.device)
+        return v.x[idx], v.y[idx]

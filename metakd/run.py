@@ -1,0 +1,368 @@
+"""One run end to end: data, teacher logits, student, :class:`~metakd.trainer.Trainer`, run directory.
+
+:func:`train_run` seeds everything, loads the data and the (cached) teacher logits, builds the student
+from the run seed, trains it, checkpoints every ``train.checkpoint_every`` epochs and at the end, and
+writes ``summary.json``. A checkpoint holds all state a run depends on — student (with BatchNorm
+buffers), both optimizers, raw λ, forecaster and its history, counters, and the torch/numpy/python
+RNG states (batches are pure functions of (seed, step), see :mod:`metakd.trainer`) — so a run resumed
+from any checkpoint ends exactly as the uninterrupted run does (on CPU, same seed).
+
+:func:`check_grad` compares the configured hypergradient with central finite differences of the bilevel
+objective L_val(U^η(w0, λ(r))) computed by an independent float64 unroll.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+import metakd
+from metakd import data, hypergrad, losses, models, optim, teacher
+from metakd.config import Config, ConfigError, TrainConfig
+from metakd.rundir import RunDir
+from metakd.trainer import Callback, Trainer
+
+__all__ = [
+    "check_grad",
+    "default_run_dir",
+    "get_rng_state",
+    "git_commit",
+    "resolve_device",
+    "seed_everything",
+    "set_rng_state",
+    "train_run",
+]
+
+log = logging.getLogger(__name__)
+
+_REL_FLOOR = 1e-8
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``; ``cuda[:i]`` (an error when CUDA is absent)."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(name)!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(name)!r} was requested but CUDA is not available to this torch "
+            f"({torch.__version__}); use --device cpu or --device auto"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {str(name)!r}; use auto, cpu or cuda")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's legacy global generator and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors/numbers (loadable with ``weights_only=True``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    }  # fmt: skip
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    keys = npst["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npst["pos"], npst["has_gauss"], npst["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit() -> str | None:
+    """The commit of the metakd source tree (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``runs/<name>-<method>-<timestamp>`` (a suffix when that exists already)."""
+    base = Path("runs") / f"{cfg.name}-{cfg.meta.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def _cli_command() -> str | None:
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return shlex.join(["metakd", *sys.argv[1:]]) if argv0.startswith("metakd") else None
+
+
+class _MetricsWriter(Callback):
+    """Appends every metrics row the trainer emits to metrics.jsonl."""
+
+    def __init__(self, rundir: RunDir) -> None:
+        self.rundir = rundir
+
+    def on_step(self, row: Mapping[str, Any]) -> None:
+        self.rundir.append_metrics(row)
+
+    def on_eval(self, row: Mapping[str, Any]) -> None:
+        self.rundir.append_metrics(row)
+
+
+def _build(
+    cfg: Config, device: torch.device
+) -> tuple[Any, dict[str, Tensor] | None, torch.nn.Module]:
+    """(splits, teacher logits or None for baseline, seeded student on ``device``)."""
+    seed_everything(cfg.seed)
+    splits = data.load_data(cfg.data, cfg.seed, device)
+    logits = None if cfg.meta.method == "baseline" else teacher.teacher_logits(cfg, splits, device)
+    torch.manual_seed(cfg.seed)  # the same initial student for every method of a seed
+    shape = tuple(int(s) for s in splits.train.x.shape[1:])
+    model = models.build_model(cfg.student, shape, splits.num_classes).to(device)
+    return splits, logits, model
+
+
+def train_run(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train one student as configured; returns the summary (also written to summary.json).
+
+    ``run_dir`` (default ``cfg.out``, else ``runs/<name>-<method>-<timestamp>``) receives config.yaml,
+    metrics.jsonl, summary.json, checkpoints/ and run.log. ``resume=True`` continues from the newest
+    valid checkpoint there (from the start when there is none). ``command`` is recorded in the summary
+    (default: the command line when run by the ``metakd`` console script).
+    """
+    device = resolve_device(cfg.device)
+    path = Path(run_dir if run_dir is not None else cfg.out or default_run_dir(cfg))
+    if resume and not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {str(path)!r} holds no run (no config.yaml); drop --resume to start one"
+        )
+    rd = RunDir(path)
+    rd.write_config(cfg, resume=resume)
+    with rd.attach_log():
+        try:
+            return _train(cfg, rd, device, resume, callbacks, command)
+        finally:
+            rd.close()
+
+
+def _train(
+    cfg: Config, rd: RunDir, device: torch.device, resume: bool, callbacks: Sequence[Callback],
+    command: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    ckpt = rd.load_checkpoint() if resume else None
+    if not resume and (rd.checkpoints() or rd.metrics_path.exists()):
+        log.warning("%s already holds a run with this config; starting it over", rd.path)
+        for p in rd.checkpoints():
+            p.unlink()
+        rd.summary_path.unlink(missing_ok=True)
+    splits, logits, model = _build(cfg, device)
+    trainer = Trainer(
+        cfg, model, splits, logits, device=device, callbacks=[_MetricsWriter(rd), *callbacks]
+    )
+    fingerprint = str(splits.info.get("fingerprint", ""))
+    if ckpt is not None:
+        if ckpt.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(
+                f"the data of {rd.path} changed since its checkpoint (fingerprint "
+                f"{ckpt.get('fingerprint')} != {fingerprint}); start a new run with a new --out"
+            )
+        trainer.load_state_dict(ckpt["trainer"])
+        set_rng_state(ckpt["rng"])
+        log.info("resumed %s at epoch %d (step %d)", rd.path, trainer.epoch, trainer.step)
+    elif resume:
+        log.warning("no checkpoint in %s; starting from the beginning", rd.path)
+    rd.truncate_metrics(trainer.step)
+    info = {
+        **{k: v for k, v in splits.info.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        "device": str(device), "total_steps": trainer.total_steps, "start_step": trainer.step,
+        "steps_per_epoch": trainer.steps_per_epoch, "run_dir": str(rd.path), "resumed": ckpt is not None,
+    }  # fmt: skip
+    for cb in callbacks:
+        cb.on_run_start(cfg, rd.path, info)
+    log.info("run %s: %s, %d steps on %s", rd.path, cfg.meta.method, trainer.total_steps, device)
+
+    def checkpoint(epoch: int) -> None:
+        if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+            state = {
+                "trainer": trainer.state_dict(), "rng": get_rng_state(), "epoch": epoch,
+                "step": trainer.step, "fingerprint": fingerprint, "metakd_version": metakd.__version__,
+                "teacher": {"checkpoint": cfg.teacher.checkpoint, "fingerprint": fingerprint},
+            }  # fmt: skip
+            rd.save_checkpoint(state, epoch)
+
+    def summary(status: str) -> dict[str, Any]:
+        return {
+            "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "status": status,
+            "device": str(device), "metakd_version": metakd.__version__, "git_commit": git_commit(),
+            "run_dir": str(rd.path), "command": command if command is not None else _cli_command(),
+        }  # fmt: skip
+
+    try:
+        trainer.train(on_epoch_end=checkpoint)
+    except FloatingPointError as exc:
+        failed = {**summary("failed"), "error": str(exc)}
+        rd.write_summary(failed)
+        log.error("%s (run record so far in %s)", exc, rd.path)
+        raise
+    result = summary("completed")
+    rd.write_summary(result)
+    log.info("finished %s: test accuracy %s", rd.path, result["test_accuracy"])
+    for cb in callbacks:
+        cb.on_run_end(result)
+    return result
+
+
+# --------------------------------------------------------------------------- check_grad
+
+
+def _plain_step(
+    cfg: TrainConfig, w: list[Tensor], g: list[Tensor], state: dict[str, Any]
+) -> list[Tensor]:
+    """One torch.optim.SGD/Adam step written out (independent of metakd.optim), out of place."""
+    t = state["t"] = state.get("t", 0) + 1
+    g = [gi + cfg.weight_decay * wi for gi, wi in zip(g, w, strict=True)]
+    if cfg.optimizer == "sgd":
+        if cfg.momentum:
+            buf = state.get("buf")
+            buf = (
+                g if buf is None else [cfg.momentum * b + gi for b, gi in zip(buf, g, strict=True)]
+            )
+            state["buf"] = buf
+            g = (
+                [gi + cfg.momentum * b for gi, b in zip(g, buf, strict=True)]
+                if cfg.nesterov
+                else buf
+            )
+        return [wi - cfg.lr * gi for wi, gi in zip(w, g, strict=True)]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(state.get("m", [0.0] * len(g)), g, strict=True)]
+    v = [
+        b2 * vi + (1 - b2) * gi**2 for vi, gi in zip(state.get("v", [0.0] * len(g)), g, strict=True)
+    ]
+    state["m"], state["v"] = m, v
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    return [
+        wi - cfg.lr / bc1 * mi / (vi.sqrt() / bc2**0.5 + eps)
+        for wi, mi, vi in zip(w, m, v, strict=True)
+    ]
+
+
+def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
+    """Configured hypergradient vs central finite differences, at initialisation.
+
+    The reference re-runs the η-step unroll of the first η training batches with plain loops in float64
+    for r ± eps·e_i (each entry of each raw metaparameter): fd_i = (L(r + eps e_i) - L(r - eps e_i))/(2 eps).
+    Returns ``{name: {"hypergrad", "finite_difference", "rel_error"}}`` (lists for non-scalar λ);
+    rel_error = |hg - fd| / max(|hg|, |fd|, 1e-8): below 1e-8 (float32 round-off of a hypergradient,
+    e.g. through Adam's sign-like first step) a difference counts relative to that floor.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    meta_cfg = cfg.meta.model_copy(update={"method": "hypergrad"})
+    cfg = cfg.model_copy(update={"meta": meta_cfg})
+    device = resolve_device(cfg.device)
+    splits, logits, model = _build(cfg, device)
+    trainer = Trainer(cfg, model, splits, logits, device=device)
+    assert trainer.meta is not None
+    model.train()
+    batches = [trainer.batch(i) for i in range(cfg.meta.unroll)]
+    vx, vy = trainer.val_batch(0)
+    inner, state = optim.from_torch(trainer.optimizer, dict(model.named_parameters()))
+    hc = cfg.meta.hypergrad
+    res = hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
+        (vx, vy), optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
+        fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
+    )  # fmt: skip
+
+    model64 = copy.deepcopy(model).double().train()
+    names = [k for k, _ in model64.named_parameters()]
+    w0 = [p.detach().clone() for _, p in model64.named_parameters()]
+    bufs = {k: b.detach() for k, b in model64.named_buffers()}
+    b64 = [(x.double(), y, t.double() if t is not None else None) for x, y, t in batches]
+
+    def forward(w: list[Tensor], x: Tensor) -> Tensor:
+        params = dict(zip(names, w, strict=True))
+        return functional_call(model64, (params, {k: b.clone() for k, b in bufs.items()}), (x,))
+
+    def objective(raw: dict[str, Tensor]) -> float:
+        assert trainer.meta is not None
+        lam = trainer.meta.constrained(raw)
+        w, st = list(w0), {}  # type: ignore[var-annotated]
+        for x, y, t in b64:
+            w = [wi.detach().requires_grad_(True) for wi in w]
+            out = forward(w, x)
+            loss = trainer._loss(out, y, t, lam)
+            g = torch.autograd.grad(loss, w)
+            with torch.no_grad():
+                w = _plain_step(cfg.train, w, list(g), st)
+        with torch.no_grad():
+            return float(losses.cross_entropy(forward(w, vx.double()), vy))
+
+    raw64 = {k: v.detach().double() for k, v in trainer.meta.raw.items()}
+    result: dict[str, dict[str, Any]] = {}
+    for name, r in raw64.items():
+        fd = torch.zeros_like(r).reshape(-1)
+        for i in range(r.numel()):
+            vals = []
+            for sign in (1.0, -1.0):
+                shifted = r.clone().reshape(-1)
+                shifted[i] += sign * eps
+                vals.append(objective({**raw64, name: shifted.reshape(r.shape)}))
+            fd[i] = (vals[0] - vals[1]) / (2 * eps)
+        hg = res.grads[name].detach().double().cpu().reshape(-1)
+        fd = fd.cpu()
+        rel = (hg - fd).abs() / torch.maximum(
+            torch.maximum(hg.abs(), fd.abs()), torch.tensor(_REL_FLOOR)
+        )
+
+        def plain(t: Tensor, shape: torch.Size = r.shape) -> Any:
+            return float(t[0]) if len(shape) == 0 else t.reshape(shape).tolist()
+
+        result[name] = {
+            "hypergrad": plain(hg),
+            "finite_difference": plain(fd),
+            "rel_error": plain(rel),
+        }
+    return result

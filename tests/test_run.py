@@ -1,0 +1,163 @@
+"""train_run end to end on the synthetic task: the run directory, failures, devices, check_grad."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from metakd.config import ConfigError, config_to_dict, load_config
+from metakd.run import check_grad, resolve_device, train_run
+from metakd.rundir import RunDir
+from metakd.trainer import Callback
+
+ROW_KEYS = {
+    "step", "epoch", "phase", "train_loss", "step_time", "meta", "meta_raw", "hypergrad",
+    "hypergrad_norm", "meta_forecast", "forecast_error",
+}  # fmt: skip
+EVAL_KEYS = {"val_accuracy", "val_loss", "test_accuracy", "test_loss"}
+SUMMARY_KEYS = {
+    "name", "method", "seed", "test_accuracy", "best_test_accuracy", "val_accuracy",
+    "best_val_accuracy", "train_loss", "meta", "meta_raw", "hypergradient_steps", "predicted_steps",
+    "skipped_meta_steps", "steps", "epochs", "wall_seconds", "phase_seconds", "device",
+    "metakd_version", "git_commit", "forecaster", "window", "unroll",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))  # the teacher is trained once for the module
+
+
+def _cfg(cache: str, *overrides: str):
+    base = [
+        "device=cpu", "teacher.epochs=200", "train.epochs=40", "train.eval_every=15",
+        "train.log_every=4", "train.lr=0.05", "train.checkpoint_every=10", "forecast.window=5",
+        f"data.cache_dir={cache}", "wandb.mode=disabled",
+    ]  # fmt: skip
+    return load_config(None, [*base, *overrides])
+
+
+class Hooks(Callback):
+    def __init__(self) -> None:
+        self.start: dict | None = None
+        self.end: dict | None = None
+        self.rows = 0
+
+    def on_run_start(self, cfg, run_dir, info):
+        self.start = {"run_dir": run_dir, **info}
+
+    def on_step(self, row):
+        self.rows += 1
+
+    def on_eval(self, row):
+        self.rows += 1
+
+    def on_run_end(self, summary):
+        self.end = dict(summary)
+
+
+def test_run_directory_is_complete(tmp_path, cache):
+    cfg = _cfg(cache, "meta.method=forecast", "train.batch_size=8")
+    hooks = Hooks()
+    summary = train_run(cfg, tmp_path / "run", callbacks=[hooks])
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config_to_dict(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == hooks.rows and all(set(r) >= ROW_KEYS for r in rows)
+    steps = [r["step"] for r in rows]
+    assert (
+        steps == sorted(set(steps)) and steps[-1] == summary["steps"] == 80
+    )  # 2 batches per epoch
+    evals = [r["step"] for r in rows if set(r) >= EVAL_KEYS]
+    assert evals == [15, 30, 45, 60, 75, 80]
+    assert {r["phase"] for r in rows} == {"optimize", "predict"}
+    assert any(r["forecast_error"] for r in rows) and any(r["meta_forecast"] for r in rows)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary == hooks.end and set(summary) >= SUMMARY_KEYS
+    assert summary["hypergradient_steps"] + summary["predicted_steps"] == 80
+    assert summary["forecaster"] == "linear" and summary["window"] == 5 and summary["unroll"] == 1
+    assert set(summary["phase_seconds"]) == {"train", "hypergrad", "forecast", "eval"}
+    assert summary["device"] == "cpu" and summary["status"] == "completed"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch-00030.pt",
+        "epoch-00040.pt",
+    ]
+    ckpt = RunDir(run).load_checkpoint()
+    assert ckpt is not None and ckpt["epoch"] == 40 and ckpt["step"] == 80
+    assert "finished" in (run / "run.log").read_text()
+    assert (
+        hooks.start is not None
+        and hooks.start["total_steps"] == 80
+        and hooks.start["start_step"] == 0
+    )
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_different_config_in_the_same_directory_is_refused(tmp_path, cache):
+    train_run(_cfg(cache, "meta.method=baseline", "train.epochs=2"), tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.epochs.*--out.*--resume"):
+        train_run(_cfg(cache, "meta.method=baseline", "train.epochs=3"), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no config\.yaml"):
+        train_run(_cfg(cache), tmp_path / "missing", resume=True)
+
+
+def test_a_diverging_run_stops_with_a_failed_summary(tmp_path, cache):
+    cfg = _cfg(cache, "meta.method=baseline", "train.optimizer=sgd", "train.lr=3e38")
+    with pytest.raises(FloatingPointError, match=r"lower train\.lr"):
+        train_run(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "lower train.lr" in summary["error"]
+    rows = RunDir(tmp_path).read_metrics()
+    assert rows and not all(map(lambda r: r["train_loss"] == r["train_loss"], rows))  # the NaN row
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"CUDA is not available.*--device cpu"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tol"),
+    [
+        (["train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "meta.unroll=3"], 1e-4),
+        (["train.optimizer=adam", "train.lr=0.05", "meta.unroll=3"], 1e-4),
+        (["meta.hypergrad.method=finite-difference", "train.optimizer=sgd", "train.lr=0.1"], 1e-2),
+    ],
+    ids=["sgd-momentum", "adam", "darts-fd"],
+)
+def test_check_grad_agrees_with_finite_differences(cache, overrides, tol):
+    result = check_grad(_cfg(cache, *overrides), eps=1e-3)
+    assert set(result) == {"beta1", "beta2", "temperature"}
+    for entry in result.values():
+        assert abs(entry["hypergrad"]) > 1e-7  # a real signal, not two zeros
+        assert entry["rel_error"] < tol
+
+
+def test_metrics_truncation_drops_later_and_partial_rows(tmp_path):
+    rd = RunDir(tmp_path)
+    for step in range(1, 6):
+        rd.append_metrics({"step": step, "train_loss": 1.0 / step})
+    rd.close()
+    with open(rd.metrics_path, "a") as fh:
+        fh.write('{"step": 6, "train_lo')  # a kill in the middle of a write
+    assert rd.truncate_metrics(3) == 3
+    assert [r["step"] for r in rd.read_metrics()] == [1, 2, 3]
+    rd.append_metrics({"step": 4})
+    assert [r["step"] for r in rd.read_metrics()] == [1, 2, 3, 4]

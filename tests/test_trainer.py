@@ -1,0 +1,275 @@
+"""The meta-trainer on a tiny in-memory task: methods, forecast schedule, NaN handling, plug-ins."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metakd.hypergrad
+from metakd.config import Config, load_config
+from metakd.data import Split, Splits
+from metakd.hypergrad import HypergradResult
+from metakd.trainer import Callback, Trainer
+
+BOUNDS = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "temperature": (0.1, 10.0)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: more threads only add contention on a loaded 2-core machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _split(n: int, gen: torch.Generator) -> Split:
+    x2 = torch.randn(n, 2, generator=gen)
+    x = torch.cat([x2, x2[:, :1] * x2[:, 1:]], dim=1)  # the paper's student features
+    y = (x2[:, 0] * x2[:, 1] + 0.5 * torch.randn(n, generator=gen) > 0).long()
+    return Split(x, y, x)
+
+
+@pytest.fixture(scope="module")
+def task() -> tuple[Splits, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(123)
+    parts = {
+        name: _split(n, gen)
+        for name, n in [("teacher", 4), ("train", 15), ("val", 15), ("test", 60)]
+    }
+    splits = Splits(**parts, num_classes=2, info={"fingerprint": "test"})
+    w = torch.tensor([[0.0, 0.0, -2.0], [0.0, 0.0, 2.0]])  # a teacher that knows the rule x1·x2
+    logits = {k: getattr(splits, k).x @ w.T for k in ("train", "val", "test")}
+    return splits, logits
+
+
+class Rows(Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_step(self, row):
+        self.rows.append(dict(row))
+
+    def on_eval(self, row):
+        self.rows.append({**row, "_eval": True})
+
+
+def _cfg(*overrides: str) -> Config:
+    base = ["train.epochs=60", "train.lr=0.05", "train.eval_every=20", "train.log_every=1"]
+    base += ["meta.lr=1.0", "forecast.window=5"]
+    return load_config(None, [*base, *overrides])
+
+
+def _run(task, *overrides: str) -> tuple[Trainer, list[dict], dict]:
+    splits, logits = task
+    cfg = _cfg(*overrides)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    rec = Rows()
+    trainer = Trainer(cfg, model, splits, logits, device="cpu", callbacks=[rec])
+    summary = trainer.train()
+    return trainer, rec.rows, summary
+
+
+def _in_range(meta: dict) -> bool:
+    return all(BOUNDS[k][0] < v < BOUNDS[k][1] for k, v in meta.items())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["meta.method=baseline"],
+        ["meta.method=fixed", "meta.values={beta1: 0.3, beta2: 0.6, temperature: 3.0}"],
+        ["meta.method=random"],
+        ["meta.method=hypergrad"],
+        ["meta.method=forecast", "forecast.forecaster=linear"],
+        ["meta.method=forecast", "forecast.target=gradients", "train.batch_size=5"],
+    ],
+    ids=["baseline", "fixed", "random", "hypergrad", "forecast", "forecast-gradients-minibatch"],
+)
+def test_every_method_trains_and_keeps_lambda_in_range(task, overrides):
+    trainer, rows, summary = _run(task, *overrides)
+    method = summary["method"]
+    assert summary["steps"] == trainer.total_steps == 60 * trainer.steps_per_epoch
+    assert rows[0]["train_loss"] > summary["train_loss"] + 0.05  # it learns
+    assert (
+        summary["test_accuracy"] is not None
+        and summary["best_test_accuracy"] >= summary["test_accuracy"]
+    )
+    evals = [r for r in rows if r.get("_eval")]
+    assert [r["step"] for r in evals] == list(range(20, trainer.total_steps + 1, 20))
+    if method == "baseline":
+        assert all(r["meta"] == {"beta1": 1.0, "beta2": 0.0, "temperature": 1.0} for r in rows)
+        return
+    assert all(_in_range(r["meta"]) for r in rows)
+    first, last = rows[0]["meta"], summary["meta"]
+    if method == "fixed":
+        assert last == pytest.approx({"beta1": 0.3, "beta2": 0.6, "temperature": 3.0}, rel=1e-5)
+    if method in ("fixed", "random"):
+        assert first == last and summary["hypergradient_steps"] == 0
+    else:
+        assert first != last and summary["hypergradient_steps"] > 0
+    if method == "hypergrad":
+        assert summary["hypergradient_steps"] == trainer.total_steps
+        assert all(r["phase"] == "optimize" and r["hypergrad_norm"] is not None for r in rows)
+
+
+def test_random_lambda_depends_on_the_seed_only(task):
+    a = _run(task, "meta.method=random", "train.epochs=2")[2]["meta"]
+    b = _run(task, "meta.method=random", "train.epochs=2")[2]["meta"]
+    c = _run(task, "meta.method=random", "train.epochs=2", "seed=1")[2]["meta"]
+    assert a == b != c
+
+
+def test_fixed_needs_every_value(task):
+    splits, logits = task
+    cfg = _cfg("meta.method=fixed", "meta.values={beta1: 0.5}")
+    with pytest.raises(ValueError, match=r"meta\.values\.beta2"):
+        Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+
+
+def _count_calls(monkeypatch, trainer_ref: list) -> list[int]:
+    calls: list[int] = []
+    real = metakd.hypergrad.hypergradient
+
+    def counting(*args, **kwargs):
+        calls.append(trainer_ref[0].step)  # 0-based step of the meta step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metakd.hypergrad, "hypergradient", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("window", "optimize", "predict", "every"), [(5, 1, 1, 1), (3, 2, 1, 1), (4, 1, 3, 2)]
+)
+def test_forecast_schedule_computes_no_hypergradients_in_predict_windows(
+    task, monkeypatch, window, optimize, predict, every
+):
+    splits, logits = task
+    cfg = _cfg(
+        "meta.method=forecast", f"forecast.window={window}", f"forecast.optimize={optimize}",
+        f"forecast.predict={predict}", f"meta.every={every}", "train.epochs=47",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    calls = _count_calls(monkeypatch, [trainer])
+    summary = trainer.train()
+    optimize_steps = [s for s in range(47) if (s // window) % (optimize + predict) < optimize]
+    assert calls == [s for s in optimize_steps if s % every == 0]  # never in a predict window
+    assert summary["hypergradient_steps"] == len(calls)
+    assert summary["predicted_steps"] == 47 - len(optimize_steps)
+    assert summary["skipped_meta_steps"] == 0
+
+
+def test_predicted_values_follow_a_line_through_the_last_optimize_window(task):
+    _, rows, _ = _run(task, "meta.method=forecast", "forecast.window=6", "train.epochs=30")
+    by_step = {r["step"]: r for r in rows}  # log_every=1: one row per step (1-based)
+    for start in (7, 19):  # first step of each predict window
+        fit = [by_step[s] for s in range(start - 6, start)]
+        for name in BOUNDS:
+            coef = np.polyfit([r["step"] for r in fit], [r["meta_raw"][name] for r in fit], 1)
+            for s in range(start, start + 6):
+                assert by_step[s]["phase"] == "predict" and by_step[s]["hypergrad"] is None
+                assert by_step[s]["meta_raw"][name] == pytest.approx(np.polyval(coef, s), abs=1e-5)
+    # forecast quality: the extrapolation over the next optimize window vs the λ reached there
+    for end in (18, 30):
+        window = [by_step[s] for s in range(end - 5, end + 1)]
+        err = by_step[end]["forecast_error"]
+        for name in BOUNDS:
+            mae = np.mean([abs(r["meta_forecast"][name] - r["meta_raw"][name]) for r in window])
+            assert err[name] == pytest.approx(mae, rel=1e-4, abs=1e-7)
+    assert sum(r["forecast_error"] is not None for r in rows) == 2
+
+
+def test_gradient_target_feeds_predicted_gradients_to_the_meta_optimizer(task):
+    over = [
+        "meta.method=forecast",
+        "forecast.target=gradients",
+        "forecast.window=6",
+        "train.epochs=12",
+    ]
+    _, rows, _ = _run(task, *over, "meta.clip=null", "meta.lr=0.5")
+    by_step = {r["step"]: r for r in rows}
+    grads = {n: [by_step[s]["hypergrad"][n] for s in range(1, 7)] for n in BOUNDS}
+    for name in BOUNDS:
+        coef = np.polyfit(range(1, 7), grads[name], 1)
+        for s in range(7, 13):  # plain SGD: r_s = r_{s-1} - lr · ĝ(s)
+            expected = by_step[s - 1]["meta_raw"][name] - 0.5 * np.polyval(coef, s)
+            assert by_step[s]["meta_raw"][name] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_user_forecaster_by_import_path_is_called(task):
+    from plugins.my_forecaster import MeanForecaster
+
+    over = ["meta.method=forecast", "forecast.forecaster=plugins.my_forecaster:MeanForecaster"]
+    trainer, rows, _ = _run(task, *over, "forecast.kwargs={offset: 0.25}", "train.epochs=20")
+    fc = trainer.schedule.forecaster
+    assert isinstance(fc, MeanForecaster) and fc.offset == 0.25
+    assert fc.fit_calls == 2 and fc.predict_calls == 2
+    by_step = {r["step"]: r for r in rows}
+    for name in BOUNDS:
+        mean = np.mean([by_step[s]["meta_raw"][name] for s in range(1, 6)])
+        assert by_step[7]["meta_raw"][name] == pytest.approx(mean + 0.25, abs=1e-5)
+
+
+def test_nan_hypergradients_are_skipped_and_never_touch_the_student(task, monkeypatch):
+    def fake(value: float):
+        def hypergradient(train_loss, val_loss, params, meta, *args, **kwargs):
+            grads = {k: torch.full_like(v, value) for k, v in meta.items()}
+            return HypergradResult(grads, dict(params), 0.0, finite=math.isfinite(value))
+
+        return hypergradient
+
+    over = ["meta.method=hypergrad", "meta.optimizer=sgd", "meta.momentum=0", "train.epochs=30"]
+    monkeypatch.setattr(metakd.hypergrad, "hypergradient", fake(math.nan))
+    nan_trainer, rows, summary = _run(task, *over)
+    monkeypatch.setattr(metakd.hypergrad, "hypergradient", fake(0.0))
+    zero_trainer, _, zero_summary = _run(task, *over)
+    assert summary["skipped_meta_steps"] == summary["hypergradient_steps"] == 30
+    assert zero_summary["skipped_meta_steps"] == 0
+    assert summary["meta_raw"] == rows[0]["meta_raw"] and _in_range(summary["meta"])
+    # a skipped step leaves the student exactly where a zero meta update does
+    for (k, a), (_, b) in zip(
+        nan_trainer.model.state_dict().items(),
+        zero_trainer.model.state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), k
+    assert all(torch.isfinite(p).all() for p in nan_trainer.model.parameters())
+
+
+def test_diverging_student_raises_with_the_step_and_the_fix(task):
+    with pytest.raises(FloatingPointError, match=r"step \d+.*lower train.lr"):
+        _run(task, "meta.method=baseline", "train.optimizer=sgd", "train.lr=1e38")
+
+
+def test_state_dict_round_trip_continues_identically(task):
+    splits, logits = task
+    over = ["meta.method=forecast", "train.batch_size=4", "train.epochs=12", "meta.optimizer=adam"]
+    cfg = _cfg(*over)
+    torch.manual_seed(0)
+    full = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    saved: dict = {}
+    full.train(
+        on_epoch_end=lambda e: (
+            saved.setdefault(e, copy.deepcopy(full.state_dict())) if e == 5 else None
+        )
+    )
+    torch.manual_seed(1)  # a different initial model: everything must come from the state
+    resumed = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    resumed.load_state_dict(saved[5])
+    assert resumed.step == 5 * resumed.steps_per_epoch
+    a, b = full.summary(), resumed.train()
+    for key in (
+        "meta_raw",
+        "test_accuracy",
+        "best_val_accuracy",
+        "hypergradient_steps",
+        "predicted_steps",
+    ):
+        assert a[key] == b[key], key
