@@ -68,7 +68,11 @@ class MetaParamSpec(_Strict):
             raise ValueError(f"range needs lo < hi, got lo={self.lo}, hi={self.hi}")
         if self.init_range[0] > self.init_range[1]:
             raise ValueError(f"init_range needs low <= high, got {list(self.init_range)}")
-        if self.init is not None and self.constraint == "sigmoid" and not self.lo < self.init < self.hi:
+        if (
+            self.init is not None
+            and self.constraint == "sigmoid"
+            and not self.lo < self.init < self.hi
+        ):
             raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
         if any(s < 1 for s in self.shape):
             raise ValueError(f"shape entries must be >= 1, got {self.shape}")
@@ -151,7 +155,9 @@ class TrainConfig(_Strict):
 class HypergradConfig(_Strict):
     method: Literal["reverse", "forward", "finite-difference"] = "reverse"
     backend: Literal["func", "torchopt", "higher"] = "func"
-    fd_eps: float = Field(default=0.01, gt=0, description="finite-difference: eps = fd_eps/‖∇L_val‖")
+    fd_eps: float = Field(
+        default=0.01, gt=0, description="finite-difference: eps = fd_eps/‖∇L_val‖"
+    )
     checkpoint: bool = Field(default=False, description="reverse: recompute unrolled steps")
 
 
@@ -218,7 +224,9 @@ class Config(_Strict):
     name: str = "synthetic"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: str | None = Field(default=None, description="run directory; None: runs/<name>-<timestamp>")
+    out: str | None = Field(
+        default=None, description="run directory; None: runs/<name>-<timestamp>"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -297,7 +305,14 @@ def _format_error(err: Mapping[str, Any], source: str) -> str:
         return f"unknown config key {key!r}{where}{hint}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if "got " in msg:  # the validator already shows the bad value
+        shown = ""
+    elif isinstance(value, dict):
+        # a section where a value was expected (``train.lr.x=1``); model-level checks pass the
+        # whole section as input and already say what is wrong
+        shown = "" if kind == "value_error" else f" (got a section with keys {sorted(value)})"
+    else:
+        shown = f" (got {value!r})"
     return f"config key {key or '<root>'!r}{where}: {msg}{shown}"
 
 
@@ -320,12 +335,40 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {source!r} must hold a mapping of keys, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {source!r} must hold a mapping of keys, got {type(loaded).__name__}"
+            )
         data = loaded
     overrides = list(overrides)
+    if overrides:
+        try:
+            base = Config.model_validate(data)
+        except ValidationError:
+            pass  # report the file's and the overrides' problems together below
+        else:
+            # Overrides edit the fully resolved config, so ``meta.params.temperature.lo=0.5``
+            # changes one field of the default spec instead of replacing the whole ``params``.
+            data = config_to_dict(base)
+            _check_new_metaparams(data, overrides)
     apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = [_format_error(e, source) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+def _check_new_metaparams(resolved: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Overrides may not invent metaparameters: ``meta.params.temprature.init=2`` is a typo
+    (new metaparameters are declared in a YAML file)."""
+    known = list(resolved.get("meta", {}).get("params", {}))
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("-")
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[:2] == ["meta", "params"] and parts[2] not in known:
+            close = difflib.get_close_matches(parts[2], known, n=1, cutoff=0.6)
+            hint = f"; did you mean 'meta.params.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown metaparameter {parts[2]!r} in override {item!r} (known: {known}){hint}"
+                " New metaparameters are declared in a YAML config file."
+            )
