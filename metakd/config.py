@@ -159,6 +159,14 @@ class HypergradConfig(_Strict):
         default=0.01, gt=0, description="finite-difference: eps = fd_eps/‖∇L_val‖"
     )
     checkpoint: bool = Field(default=False, description="reverse: recompute unrolled steps")
+    unroll_optimizer: Literal["match", "sgd"] = Field(
+        default="match",
+        description="match: unroll the twin of the real student optimizer from its live state "
+        "(exact); sgd: unroll plain SGD with unroll_lr (the DARTS/reference surrogate)",
+    )
+    unroll_lr: float | None = Field(
+        default=None, gt=0, description="learning rate of the sgd surrogate; None: train.lr"
+    )
 
 
 class MetaConfig(_Strict):

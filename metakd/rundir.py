@@ -179,7 +179,7 @@ class RunDir:
         """The newest checkpoint that loads with ``weights_only=True`` (None when there is none).
 
         A corrupt newest checkpoint gives a warning and falls back to the previous one; when none
-        loads, a ``RuntimeError`` names the files and the fix.
+        loads, a ``ValueError`` (a user-fixable problem) names the files and the fix.
         """
         paths = self.checkpoints()
         errors = []
@@ -200,7 +200,7 @@ class RunDir:
                 continue
             return state
         if errors:
-            raise RuntimeError(
+            raise ValueError(
                 f"no valid checkpoint in {str(self.checkpoint_dir)!r} ({'; '.join(errors)}); "
                 "start the run again with a new --out DIR"
             )

@@ -214,7 +214,10 @@ class Trainer:
         assert self.meta is not None
         hc = self.cfg.meta.hypergrad
         named = dict(self.model.named_parameters())
-        inner, state = optim.from_torch(self.optimizer, named)
+        if hc.unroll_optimizer == "sgd":
+            inner, state = optim.sgd(hc.unroll_lr or self.cfg.train.lr), None
+        else:
+            inner, state = optim.from_torch(self.optimizer, named)
         res = hypergrad.hypergradient(
             self.train_loss, self.val_loss, self.fmodel.params(), self.meta.raw,
             [self.batch(step + i) for i in range(self.cfg.meta.unroll)], self.val_batch(step),

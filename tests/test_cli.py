@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from metakd_cli.main import app, parse_seeds, split_args
 from typer.testing import CliRunner
 
 from metakd import __version__
 from metakd.config import config_to_dict, load_config
+from metakd_cli.main import app, parse_seeds, split_args
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -241,7 +241,10 @@ def test_learning_rate_as_metaparameter():
     def val_loss(params, batch):
         return cross_entropy(fmodel(params, batch[0]), batch[1])
 
-    raw = {"log_lr": torch.tensor(-1.0, dtype=DT), "class_w": torch.tensor([0.1, -0.2, 0.3], dtype=DT)}
+    raw = {
+        "log_lr": torch.tensor(-1.0, dtype=DT),
+        "class_w": torch.tensor([0.1, -0.2, 0.3], dtype=DT),
+    }
     inner = optim.sgd(lambda m: torch.exp(m["log_lr"]), 0.5)
 
     def objective(r):
@@ -249,7 +252,8 @@ def test_learning_rate_as_metaparameter():
         state = inner.init(p)
         for b in batches:
             g = torch.autograd.grad(
-                train_loss({k: v.requires_grad_(True) for k, v in p.items()}, r, b), list(p.values())
+                train_loss({k: v.requires_grad_(True) for k, v in p.items()}, r, b),
+                list(p.values()),
             )
             p, state = inner.update(dict(zip(p, g)), state, p, r)
             p = {k: v.detach() for k, v in p.items()}
@@ -288,7 +292,7 @@ def test_errors_are_clear():
     def vl(p, b):
         return cross_entropy(fmodel(p, b[0]), b[1])
 
-    with pytest.raises(ValueError, match="supported: .*forward/func"):
+    with pytest.raises(ValueError, match=r"supported: .*forward/func"):
         metakd.hypergradient(tl, vl, params, meta, batches, val, method="forward", backend="higher")
     with pytest.raises(ValueError, match="η"):
         metakd.hypergradient(tl, vl, params, meta, [], val)

@@ -137,6 +137,6 @@ def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
         p.write_bytes(b"not a checkpoint")
     with (
         pytest.warns(RuntimeWarning),
-        pytest.raises(RuntimeError, match=r"no valid checkpoint.*--out"),
+        pytest.raises(ValueError, match=r"no valid checkpoint.*--out"),
     ):
         rd.load_checkpoint()
