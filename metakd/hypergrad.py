@@ -112,7 +112,9 @@ def _check_inputs(
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if (method, backend) not in _SUPPORTED:
         ok = ", ".join(f"{m}/{b}" for m, b in sorted(_SUPPORTED))
-        raise ValueError(f"method={method!r} with backend={backend!r} is not supported; supported: {ok}")
+        raise ValueError(
+            f"method={method!r} with backend={backend!r} is not supported; supported: {ok}"
+        )
     if len(train_batches) < 1:
         raise ValueError("train_batches is empty: η (the number of unrolled steps) must be >= 1")
     if not params:
@@ -136,7 +138,9 @@ def _finish(
         k: (torch.zeros_like(v) if g is None else g.detach().reshape(v.shape))
         for (k, v), g in zip(meta.items(), grads)
     }
-    finite = all(bool(torch.isfinite(g).all()) for g in out.values()) and math.isfinite(vloss.item())
+    finite = all(bool(torch.isfinite(g).all()) for g in out.values()) and math.isfinite(
+        vloss.item()
+    )
     if not finite:
         warnings.warn(
             "non-finite hypergradient (NaN/inf): check the learning rates, the temperature range "
@@ -227,8 +231,9 @@ def _reverse_checkpointed(
         adj_p = list(grads[:n_p])
         adj_s = list(grads[n_p : n_p + n_s])
         for i, g in enumerate(grads[n_p + n_s :]):
+            prev = hg[i]
             if g is not None:
-                hg[i] = g if hg[i] is None else hg[i] + g
+                hg[i] = g if prev is None else prev + g
     return _finish(hg, meta, params, names, vloss, state)
 
 
@@ -248,9 +253,14 @@ def _torchopt_transform(opt: _optim.InnerOptimizer) -> Any:
         if hp["dampening"]:
             raise ValueError("backend='torchopt' does not reproduce torch's SGD dampening")
         return torchopt.sgd(
-            hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"]
+            hp["lr"],
+            momentum=hp["momentum"],
+            nesterov=hp["nesterov"],
+            weight_decay=hp["weight_decay"],
         )
-    return torchopt.adam(hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    return torchopt.adam(
+        hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    )
 
 
 def _torchopt_state(opt: _optim.InnerOptimizer, tstate: Any, state: Any) -> Any:
@@ -375,14 +385,15 @@ def _forward(
     from torch.func import grad, jvp, vmap
 
     mnames = list(meta)
-    m0 = tuple(v.detach() for v in meta.values())
+    # 0-dim metaparameters enter the step as shape (1,): torch.func.jvp (torch 2.14) gives
+    # ``python_float * zero_dim_float32`` a float64 tangent, which then breaks float32 models
+    # (``MetaParams.constrained`` computes exactly such products); (1,) broadcasts like a scalar.
+    m0 = tuple(v.detach().reshape(1) if v.dim() == 0 else v.detach() for v in meta.values())
     sizes = [v.numel() for v in m0]
     h = sum(sizes)
     # Tangent basis of λ: row i is e_i, split and reshaped per metaparameter -> (H, *shape).
     eye = torch.eye(h, dtype=m0[0].dtype, device=m0[0].device)
-    z_meta = tuple(
-        blk.reshape(h, *v.shape) for blk, v in zip(torch.split(eye, sizes, dim=1), m0)
-    )
+    z_meta = tuple(blk.reshape(h, *v.shape) for blk, v in zip(torch.split(eye, sizes, dim=1), m0))
     params = tuple(p.detach() for p in w0)
     s_tensors = [t.detach() for t in _state_tensors(state)]
     z_params = tuple(torch.zeros(h, *p.shape, dtype=p.dtype, device=p.device) for p in params)
@@ -394,20 +405,27 @@ def _forward(
             md = dict(zip(mnames, m))
 
             def loss_fn(q: tuple[Tensor, ...]) -> Tensor:
-                return _scalar(train_loss(dict(zip(names, q)), md, batch), "train_loss")
+                # (the closures run within this iteration: binding the loop variables is intended)
+                return _scalar(train_loss(dict(zip(names, q)), md, batch), "train_loss")  # noqa: B023
 
             g = grad(loss_fn)(p)
-            new_p, new_s = opt.update_tuple(g, _replace_tensors(state, iter(st)), p, md)
-            return new_p, tuple(_state_tensors(new_s))
+            new_p, new_s = opt.update_tuple(g, _replace_tensors(state, iter(st)), p, md)  # noqa: B023
+            # (a (1,)-shaped metaparameter-valued learning rate would broadcast 0-dim parameters)
+            new_p = tuple(q.reshape(r.shape) for q, r in zip(new_p, p))
+            new_st = tuple(q.reshape(r.shape) for q, r in zip(_state_tensors(new_s), st))
+            return new_p, new_st
 
         def tangent_step(
             zp: tuple[Tensor, ...], zs: tuple[Tensor, ...], zm: tuple[Tensor, ...]
         ) -> Any:
-            (p1, s1), (dp1, ds1) = jvp(step, (params, tuple(s_tensors), m0), (zp, zs, zm))
+            primals = (params, tuple(s_tensors), m0)  # noqa: B023
+            out: Any = jvp(step, primals, (zp, zs, zm))
+            (p1, s1), (dp1, ds1) = out
             return p1, s1, dp1, ds1
 
+        out_dims: Any = (None, None, 0, 0)
         p1, s1, z_params, z_state = vmap(
-            tangent_step, in_dims=(0, 0, 0), out_dims=(None, None, 0, 0), randomness="same"
+            tangent_step, in_dims=(0, 0, 0), out_dims=out_dims, randomness="same"
         )(z_params, z_state, z_meta)
         # The new state's structure (step counter) comes from one plain call on the primal.
         state = _replace_tensors(_next_state_shape(opt, state, params), iter(s1))
@@ -464,7 +482,7 @@ def _finite_difference(
     vjp = torch.autograd.grad(w1, list(g0) + meta_list, dw, allow_unused=True)
     v = [t if t is not None else torch.zeros_like(g) for t, g in zip(vjp[: len(g0)], g0)]
     direct = vjp[len(g0) :]  # ∂<dw, U>/∂λ at fixed g (metaparameter-valued hyperparameters)
-    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v))
+    norm = torch.sqrt(torch.stack([(t.double() ** 2).sum() for t in v]).sum())
     eps = fd_eps / float(norm) if float(norm) > 0 else fd_eps
 
     def grad_meta(sign: float) -> tuple[Tensor | None, ...]:

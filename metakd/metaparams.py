@@ -48,7 +48,9 @@ def unconstrain(value: Tensor, spec: MetaParamSpec) -> Tensor:
     v = value.double()
     if spec.constraint == "sigmoid":
         if not bool(((v > spec.lo) & (v < spec.hi)).all()):
-            raise ValueError(f"value {value.tolist()} is outside the open range ({spec.lo}, {spec.hi})")
+            raise ValueError(
+                f"value {value.tolist()} is outside the open range ({spec.lo}, {spec.hi})"
+            )
         u = (v - spec.lo) / (spec.hi - spec.lo)
         r = torch.log(u) - torch.log1p(-u)
     elif spec.constraint == "softplus":
@@ -111,7 +113,9 @@ class MetaParams:
         raw = self.raw if raw is None else raw
         missing = set(self.specs) - set(raw)
         if missing:
-            raise KeyError(f"raw metaparameters {sorted(missing)} are missing; expected {self.names}")
+            raise KeyError(
+                f"raw metaparameters {sorted(missing)} are missing; expected {self.names}"
+            )
         return {name: constrain(raw[name], spec) for name, spec in self.specs.items()}
 
     def values(self) -> dict[str, float | list[Any]]:

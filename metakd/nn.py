@@ -15,6 +15,7 @@ Other buffers are passed as detached clones, so in-place writes to them cannot l
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,9 @@ class FunctionalModel:
         return out
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.module, (dict(params), self.buffers()), (x,), strict=False)
+        # (None buffers are accepted by functional_call; its annotation says Tensor)
+        tensors: dict[str, Any] = {**self.buffers(), **params}
+        return functional_call(self.module, tensors, (x,), strict=False)
 
     @torch.no_grad()
     def load_params(self, params: Mapping[str, Tensor]) -> None:

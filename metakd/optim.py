@@ -85,10 +85,6 @@ def _resolve(h: Hyper, meta: Mapping[str, Tensor] | None) -> float | Tensor:
     return h(meta)
 
 
-def _is_number(*hs: Any) -> bool:
-    return all(isinstance(h, float) for h in hs)
-
-
 class InnerOptimizer(NamedTuple):
     """A pure optimizer: ``init(params) -> state``; ``update_tuple(grads, state, params, meta)``.
 
@@ -161,21 +157,25 @@ def sgd(
         meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], SgdState]:
         g_lr, g_wd = _resolve(lr, meta), _resolve(weight_decay, meta)
-        g = list(grads)
-        if _is_number(g_lr, g_wd):
+        g: list[Tensor] = list(grads)
+        if isinstance(g_lr, float) and isinstance(g_wd, float):
             if g_wd:
-                g = torch._foreach_add(g, list(params), alpha=g_wd)
+                g = list(torch._foreach_add(g, list(params), alpha=g_wd))
             bufs: tuple[Tensor, ...] = ()
             if momentum:
                 if state.step == 0:
                     b = g
                 else:
-                    b = torch._foreach_add(
-                        torch._foreach_mul(list(state.momentum), momentum), g, alpha=1 - dampening
+                    b = list(
+                        torch._foreach_add(
+                            torch._foreach_mul(list(state.momentum), momentum),
+                            g,
+                            alpha=1 - dampening,
+                        )
                     )
                 bufs = tuple(b)
-                g = torch._foreach_add(g, b, alpha=momentum) if nesterov else b
-            new = torch._foreach_add(list(params), g, alpha=-g_lr)  # type: ignore[arg-type]
+                g = list(torch._foreach_add(g, b, alpha=momentum)) if nesterov else b
+            new = torch._foreach_add(list(params), g, alpha=-g_lr)
             return tuple(new), SgdState(state.step + 1, bufs)
         # Metaparameter-valued hyperparameters: per-tensor ops (foreach kernels do not
         # differentiate w.r.t. a tensor scalar).
@@ -212,7 +212,9 @@ def adam(
 
     def init(params: Sequence[Tensor]) -> AdamState:
         return AdamState(
-            0, tuple(torch.zeros_like(p) for p in params), tuple(torch.zeros_like(p) for p in params)
+            0,
+            tuple(torch.zeros_like(p) for p in params),
+            tuple(torch.zeros_like(p) for p in params),
         )
 
     def update(
@@ -224,10 +226,10 @@ def adam(
         g_lr, g_wd = _resolve(lr, meta), _resolve(weight_decay, meta)
         t = state.step + 1
         bc1, bc2 = 1 - b1**t, 1 - b2**t
-        g = list(grads)
-        if _is_number(g_lr, g_wd):
+        g: list[Tensor] = list(grads)
+        if isinstance(g_lr, float) and isinstance(g_wd, float):
             if g_wd:
-                g = torch._foreach_add(g, list(params), alpha=g_wd)
+                g = list(torch._foreach_add(g, list(params), alpha=g_wd))
             m = torch._foreach_add(torch._foreach_mul(list(state.exp_avg), b1), g, alpha=1 - b1)
             v = torch._foreach_addcmul(
                 torch._foreach_mul(list(state.exp_avg_sq), b2), g, g, value=1 - b2
@@ -236,7 +238,7 @@ def adam(
             denom = torch._foreach_add(torch._foreach_div(denom, math.sqrt(bc2)), eps)
             # (_foreach_addcdiv's backward fails when only some inputs need a gradient, torch 2.14)
             ratio = torch._foreach_div(m, denom)
-            new = torch._foreach_add(list(params), ratio, alpha=-g_lr / bc1)  # type: ignore[operator]
+            new = torch._foreach_add(list(params), ratio, alpha=-g_lr / bc1)
             return tuple(new), AdamState(t, tuple(m), tuple(v))
         g = [gi + g_wd * p for gi, p in zip(g, params)]
         m2 = [b1 * mi + (1 - b1) * gi for mi, gi in zip(state.exp_avg, g)]
@@ -297,7 +299,10 @@ def from_torch(
             raise ValueError("from_torch supports Adam without amsgrad/maximize/decoupled decay")
         b1, b2 = group["betas"]
         inner = adam(
-            lr, (float(b1), float(b2)), float(group["eps"]), weight_decay=float(group["weight_decay"])
+            lr,
+            (float(b1), float(b2)),
+            float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
         )
         states = [opt.state.get(p) for p in tensors]
         if all(s for s in states):

@@ -376,7 +376,8 @@ class Trainer:
             self.epoch_loss = [0.0, 0]
         boundary = s == 0 or (self.schedule is not None and self.schedule.is_boundary(s))
         bad = not math.isfinite(loss)
-        forced = evaluated or grads is not None or boundary or err is not None or bad
+        # meta-step rows follow log_every like the others (a row per step would dominate tiny runs)
+        forced = evaluated or boundary or err is not None or bad
         if forced or self.step % self.cfg.train.log_every == 0:
             row = self._row(s, phase, loss, step_time, grads, extrap, err, ev)
             for cb in self.callbacks:
