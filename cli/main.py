@@ -695,6 +695,22 @@ def bench(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Directory for the results files.")
     ] = None,
+    engines: Annotated[
+        str | None,
+        typer.Option(
+            "--engines", help="Comma-separated engines (default: all), e.g. plain,metakd/reverse."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's)."),
+    ] = None,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e", help="Also time one training epoch per method (baseline, hypergrad, forecast)."
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Time and measure memory of hypergradients for several unroll lengths η."""
@@ -708,9 +724,14 @@ def bench(
             ) from None
         if not eta_list or min(eta_list) < 1:
             raise ConfigError(f"--etas needs integers >= 1, got {etas!r}")
-        from metakd.bench import run_bench
+        from metakd.bench import run_bench, run_epoch_bench
 
-        run_bench(model, batch_size, device.value, eta_list, repeats, out)
+        engine_list = [e.strip() for e in engines.split(",") if e.strip()] if engines else None
+        run_bench(
+            model, batch_size, device.value, eta_list, repeats, out, engine_list, threads=threads
+        )
+        if e2e:
+            run_epoch_bench(model, device.value, threads=threads, out=out)
     if out is not None:
         err_console.print(f"Results written to {out}", soft_wrap=True)
 

@@ -351,19 +351,28 @@ def test_report_command(monkeypatch, tmp_path):
 def test_bench_command(monkeypatch, tmp_path):
     seen = {}
 
-    def run_bench(model, batch_size, device, etas, repeats, out):
+    def run_bench(model, batch_size, device, etas, repeats, out, engines=None, *, threads=None):
         seen.update(model=model, batch_size=batch_size, device=device, etas=etas,
-                    repeats=repeats, out=out)  # fmt: skip
+                    repeats=repeats, out=out, engines=engines, threads=threads)  # fmt: skip
+        return {}
+
+    def run_epoch_bench(model, device, *, threads=None, out=None):
+        seen.update(e2e=(model, device, threads, out))
         return {}
 
     fake = types.ModuleType("metakd.bench")
     fake.run_bench = run_bench
+    fake.run_epoch_bench = run_epoch_bench
     monkeypatch.setitem(sys.modules, "metakd.bench", fake)
     result = invoke("bench", "--model", "mlp", "--batch-size", "32", "--device", "cpu",
                     "--etas", "1,4", "--repeats", "2", "--out", tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen == {"model": "mlp", "batch_size": 32, "device": "cpu", "etas": [1, 4],
-                    "repeats": 2, "out": tmp_path}  # fmt: skip
+                    "repeats": 2, "out": tmp_path, "engines": None, "threads": None}  # fmt: skip
+    result = invoke("bench", "--engines", "plain,metakd/reverse", "--threads", "1", "--e2e")
+    assert result.exit_code == 0, result.output
+    assert seen["engines"] == ["plain", "metakd/reverse"] and seen["threads"] == 1
+    assert seen["e2e"] == ("cifar_very_tiny", "auto", 1, None)
     result = invoke("bench", "--etas", "1,x")
     assert result.exit_code == 2 and "--etas" in result.stderr
 
