@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metakd.config import ConfigError, DataConfig
+from metakd.rundir import atomic_torch_save
 
 __all__ = [
     "PUBLISHED_SEED",
@@ -234,18 +234,6 @@ def _folder_fingerprint(root: Path, classes: list[str], samples: list[tuple[str,
     return h.hexdigest()
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def decode_image_folder(
     root: str | Path,
     cache_dir: str | Path,
@@ -292,7 +280,7 @@ def decode_image_folder(
         "classes": classes,
         "fingerprint": fingerprint,
     }
-    _atomic_save(result, cache)
+    atomic_torch_save(result, cache)
     return result
 
 

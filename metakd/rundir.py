@@ -30,7 +30,7 @@ import yaml
 
 from metakd.config import Config, ConfigError, config_to_dict
 
-__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["RunDir", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
 
 _CKPT = re.compile(r"^epoch-(\d{5,})\.pt$")
 
@@ -64,6 +64,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` atomically (caches and checkpoints are never left half-written)."""
+    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 class RunDir:
@@ -170,7 +175,7 @@ class RunDir:
     def save_checkpoint(self, state: Mapping[str, Any], epoch: int) -> Path:
         """Save ``state`` as ``checkpoints/epoch-XXXXX.pt`` atomically; keep it and the previous one."""
         path = self.checkpoint_dir / f"epoch-{epoch:05d}.pt"
-        _atomic_write(path, lambda fh: torch.save(dict(state), fh))
+        atomic_torch_save(dict(state), path)
         for old in self.checkpoints()[2:]:
             old.unlink(missing_ok=True)
         return path

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +33,7 @@ from torch import Tensor, nn
 from metakd.config import Config, ConfigError, ModelConfig, TeacherConfig, config_to_dict
 from metakd.data import Split, Splits, augment_batch
 from metakd.models import build_model
+from metakd.rundir import atomic_torch_save
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -62,18 +61,6 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _optimizer(cfg: TeacherConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -221,7 +208,7 @@ def save_teacher(
         },
     }
     out = Path(path)
-    _atomic_save(checkpoint, out)
+    atomic_torch_save(checkpoint, out)
     return out
 
 
@@ -350,7 +337,7 @@ def teacher_logits(cfg: Config, splits: Splits, device: torch.device | str) -> d
             name: predict_logits(model, split.x_teacher.to(dev)).cpu()
             for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))
         }
-        _atomic_save(
+        atomic_torch_save(
             {"format": _LOGITS_FORMAT, "fingerprint": splits.info["fingerprint"], "logits": logits},
             path,
         )
