@@ -430,7 +430,21 @@ def _meta_names(runs: Sequence[Run]) -> list[str]:
 
 
 def _spans(run: Run) -> list[tuple[float, float]]:
-    """[start, end) step ranges of contiguous ``phase == "predict"`` rows (end: the next row's step)."""
+    """[start, end) step ranges of the predicted windows.
+
+    From the run's forecast schedule when its config has one (0-based step s is predicted when
+    ⌊s/W⌋ mod (O+P) >= O; rows use 1-based steps), else from contiguous ``phase == "predict"`` rows
+    (logged rows can be sparser than the windows, so the schedule is preferred)."""
+    window, opt, pred = (run.setting(f"forecast.{k}") for k in ("window", "optimize", "predict"))
+    last_step = max((float(r["step"]) for r in run.rows if "step" in r), default=0.0)
+    if all(isinstance(v, int) and v > 0 for v in (window, opt, pred)) and last_step > 0:
+        cycle = (opt + pred) * window
+        out: list[tuple[float, float]] = []
+        for c in range(0, int(last_step), cycle):
+            a = c + opt * window
+            if a < last_step:
+                out.append((float(a), float(min(c + cycle, last_step))))
+        return out
     by_step = {float(r["step"]): r.get("phase") for r in run.rows if "step" in r}
     steps = sorted(by_step)
     gap = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
@@ -498,8 +512,15 @@ def _metaparams_figure(runs: Sequence[Run]) -> Figure | None:
     fig = Figure(figsize=(5 * len(names), 4.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names, strict=True):
-        if rep is not None:
-            for i, (a, b) in enumerate(_spans(rep)):
+        spans = _spans(rep) if rep is not None else []
+        if len(spans) > 60:
+            # hundreds of narrow bands alias into a moiré pattern; say it instead of drawing it
+            width = spans[0][1] - spans[0][0]
+            ax.plot(
+                [], [], " ", label=f"{len(spans)} predicted windows of {width:g} steps (not shaded)"
+            )
+        else:
+            for i, (a, b) in enumerate(spans):
                 ax.axvspan(
                     a,
                     b,
