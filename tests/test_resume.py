@@ -45,14 +45,6 @@ train_run(load_config(None, args["overrides"]), args["out"], resume=args["resume
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """Run A, uninterrupted, in this process (the teacher-logit cache is shared with the others)."""

@@ -18,15 +18,6 @@ from metakd.trainer import Callback, Trainer
 BOUNDS = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "temperature": (0.1, 10.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: more threads only add contention on a loaded 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _split(n: int, gen: torch.Generator) -> Split:
     x2 = torch.randn(n, 2, generator=gen)
     x = torch.cat([x2, x2[:, :1] * x2[:, 1:]], dim=1)  # the paper's student features
