@@ -228,7 +228,24 @@ class ProgressCallback(Callback):
         self._task = None
 
 
-class ExperimentProgress:
+class _LiveBar:
+    """A rich display started by ``__enter__`` (in subclasses) and stopped on exit."""
+
+    _progress: Progress | None = None
+    _task: TaskID | None = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class ExperimentProgress(_LiveBar):
     """Bar over the runs of an experiment; :meth:`run_callback` gives each run its own bar.
 
     Use as a context manager::
@@ -263,16 +280,6 @@ class ExperimentProgress:
             )
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
     def run_callback(self, total_steps: int | None = None) -> ProgressCallback:
         """A per-run bar sharing this display; finishing it advances the run count."""
         return ProgressCallback(
@@ -292,7 +299,7 @@ class ExperimentProgress:
             self.console.print(f"runs done: {self.done}/{self.total_runs}", highlight=False)
 
 
-class TeacherProgress:
+class TeacherProgress(_LiveBar):
     """``progress(epoch, row)`` callback of :func:`metakd.teacher.train_teacher`: a bar over the
     teacher's epochs with its loss and test accuracy. Use as a context manager."""
 
@@ -338,13 +345,3 @@ class TeacherProgress:
                 highlight=False,
                 soft_wrap=True,
             )
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
