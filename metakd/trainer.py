@@ -219,7 +219,7 @@ class Trainer:
         else:
             inner, state = optim.from_torch(self.optimizer, named)
         res = hypergrad.hypergradient(
-            self.train_loss, self.val_loss, self.fmodel.params(), self.meta.raw,
+            self.train_loss, self.val_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw,
             [self.batch(step + i) for i in range(self.cfg.meta.unroll)], self.val_batch(step),
             optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
             fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
