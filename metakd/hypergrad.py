@@ -7,8 +7,9 @@ One public function, :func:`hypergradient`, with three methods:
     backward pass of L_val(w_η). Time ≈ 3–4 η training steps; memory O(η · activations).
     ``checkpoint=True`` keeps only (w_t, s_t) per step and recomputes each step during the backward sweep
     (reverse accumulation by hand): memory O(η·P + one step's activations) for ≈ one extra forward/backward
-    per step. Backends: ``func`` (default: metakd's fused functional optimizers), ``torchopt``
-    (torchopt's functional API) and ``higher`` (higher's differentiable optimizers) — same math.
+    per step. Backends: ``func`` (default: metakd's fused functional optimizers, and BatchNorm layers of
+    a :class:`metakd.FunctionalModel` with a closed-form double backward, see :mod:`metakd.nn`),
+    ``torchopt`` (torchopt's functional API) and ``higher`` (higher's differentiable optimizers) — same math.
 ``forward`` (exact)
     Forward-mode differentiation (Franceschi et al. 2017): carry the tangents Z_t = d(w_t, s_t)/dλ
     ((H, P) for H metaparameter entries) through the steps with ``torch.func.jvp`` (forward-over-reverse),
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from metakd import optim as _optim
+from metakd.nn import double_backward_batchnorm
 
 __all__ = ["BACKENDS", "METHODS", "HypergradResult", "hypergradient"]
 
@@ -556,9 +558,10 @@ def hypergradient(
         return _finite_difference(
             train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state, fd_eps
         )
-    engine = {
-        "func": _reverse_checkpointed if checkpoint else _reverse_func,
-        "torchopt": _reverse_torchopt,
-        "higher": _reverse_higher,
-    }[backend]
+    if backend == "func":
+        engine = _reverse_checkpointed if checkpoint else _reverse_func
+        # BatchNorm layers of a FunctionalModel get the closed-form double backward (metakd.nn).
+        with double_backward_batchnorm():
+            return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)
+    engine = _reverse_torchopt if backend == "torchopt" else _reverse_higher
     return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)

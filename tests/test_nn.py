@@ -1,0 +1,99 @@
+"""metakd.nn: FunctionalModel and the closed-form BatchNorm double backward (batch_norm_train)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metakd.nn import FunctionalModel, batch_norm_train, double_backward_batchnorm
+
+SHAPES = [(6, 3, 4, 5), (7, 4), (5, 3, 6)]
+
+
+def _inputs(shape, affine):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    c = shape[1]
+    w = (
+        (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+        if affine
+        else None
+    )
+    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_(True) if affine else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batch_norm_train_gradcheck_and_gradgradcheck(shape, affine):
+    x, w, b = _inputs(shape, affine)
+    args = (x, w, b) if affine else (x,)
+
+    def f(*a):
+        return batch_norm_train(a[0], *(a[1:] if affine else (None, None)), eps=1e-5)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batch_norm_train_matches_stock_batchnorm_to_second_order(shape):
+    """Value, gradient and the reverse-over-reverse product equal the stock F.batch_norm's."""
+    x, w, b = _inputs(shape, True)
+    g = torch.Generator().manual_seed(2)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    v = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b)]
+
+    def second_order(bn):
+        y = bn(x, w, b)
+        grads = torch.autograd.grad((y * r).sum() + (y**3).sum(), (x, w, b), create_graph=True)
+        inner = sum((gr * vi).sum() for gr, vi in zip(grads, v))
+        return y, grads, torch.autograd.grad(inner, (x, w, r))
+
+    ours = second_order(lambda x, w, b: batch_norm_train(x, w, b, 1e-5))
+    stock = second_order(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
+    torch.testing.assert_close(ours[0], stock[0], rtol=1e-12, atol=1e-12)
+    for a, s in zip(ours[1] + ours[2], stock[1] + stock[2]):
+        torch.testing.assert_close(a, s, rtol=1e-9, atol=1e-10)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+        nn.BatchNorm1d(3),
+    )  # fmt: skip
+
+
+def _grad_fns(t):
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_functional_model_uses_fast_batchnorm_only_inside_the_context():
+    net = _bn_net().train()
+    fm = FunctionalModel(net)
+    x = torch.randn(5, 3, 6, 6)
+    params = {k: v.detach().requires_grad_(True) for k, v in net.named_parameters()}
+    plain = fm(params, x)
+    assert "NativeBatchNormBackward0" in _grad_fns(plain)
+    with double_backward_batchnorm():
+        fast = fm(params, x)
+        net.eval()  # eval mode reads running statistics: stock kernels
+        evaluated = fm(params, x)
+        net.train()
+    assert "_BatchNormTrainBackward" in _grad_fns(fast)
+    assert "NativeBatchNormBackward0" not in _grad_fns(fast)
+    assert "_BatchNormTrainBackward" not in _grad_fns(evaluated)
+    torch.testing.assert_close(fast, plain)
+    # no running-statistics update leaks out of either call
+    assert int(net[1].num_batches_tracked) == 0
+    with double_backward_batchnorm(enabled=False):
+        assert "NativeBatchNormBackward0" in _grad_fns(fm(params, x))
