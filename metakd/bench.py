@@ -7,6 +7,8 @@ default constraints) and plain SGD inner steps (γ = 0.1). Engines:
 
 ``plain``                         η ordinary training steps (module forward/backward, ``torch.optim.SGD``)
 ``metakd/reverse``                ``hypergradient(method="reverse", backend="func")`` (the default engine)
+``metakd/reverse-stockbn``        the same with PyTorch's own BatchNorm double backward (what
+                                  ``metakd.nn.double_backward_batchnorm`` replaces; measures that gain)
 ``metakd/reverse-checkpoint``     the same with ``checkpoint=True``
 ``metakd/reverse-torchopt``       metakd's ``backend="torchopt"``
 ``metakd/reverse-higher``         metakd's ``backend="higher"``
@@ -58,13 +60,14 @@ from metakd.hypergrad import hypergradient
 from metakd.losses import cross_entropy, distillation_loss
 from metakd.metaparams import constrain
 from metakd.models import build_model
-from metakd.nn import FunctionalModel
+from metakd.nn import FunctionalModel, double_backward_batchnorm
 
 __all__ = ["ENGINES", "EXTERNAL_ENGINES", "run_bench", "run_epoch_bench"]
 
 ENGINES = (
     "plain",
     "metakd/reverse",
+    "metakd/reverse-stockbn",
     "metakd/reverse-checkpoint",
     "metakd/reverse-torchopt",
     "metakd/reverse-higher",
@@ -158,6 +161,16 @@ def _metakd(**kw: Any) -> Runner:
     return run
 
 
+def _stock_bn(run: Runner) -> Runner:
+    """``run`` with the stock BatchNorm double backward (metakd.nn.double_backward_batchnorm(False))."""
+
+    def stock(case: _Case) -> Tensor | None:
+        with double_backward_batchnorm(False):
+            return run(case)
+
+    return stock
+
+
 def _plain(case: _Case) -> None:
     """η real training steps on a copy of the module (made once per case)."""
     module = case.plain_module
@@ -205,6 +218,7 @@ def _torchopt(case: _Case) -> Tensor:
 _RUNNERS: dict[str, Runner] = {
     "plain": _plain,
     "metakd/reverse": _metakd(method="reverse"),
+    "metakd/reverse-stockbn": _stock_bn(_metakd(method="reverse")),
     "metakd/reverse-checkpoint": _metakd(method="reverse", checkpoint=True),
     "metakd/reverse-torchopt": _metakd(method="reverse", backend="torchopt"),
     "metakd/reverse-higher": _metakd(method="reverse", backend="higher"),
@@ -415,6 +429,7 @@ def _ratios(rows: list[dict[str, Any]], etas: Sequence[int]) -> list[dict[str, A
             entry["reverse/plain" + suffix] = _ratio(rev, t("plain"))
             entry["forward/reverse" + suffix] = _ratio(t("metakd/forward"), rev)
             entry["checkpoint/reverse" + suffix] = _ratio(t("metakd/reverse-checkpoint"), rev)
+            entry["reverse/stockbn" + suffix] = _ratio(rev, t("metakd/reverse-stockbn"))
         mem = {n: r.get("peak_mem_mib") for n, r in at.items()}
         entry["mem_checkpoint/reverse"] = _ratio(
             mem.get("metakd/reverse-checkpoint"), mem.get("metakd/reverse")
@@ -669,7 +684,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {n} | " + " | ".join(cells_t + cells_m) + " |")
     keys = [
         "reverse/best_external", "reverse/higher", "reverse/torchopt", "reverse/plain",
-        "forward/reverse", "checkpoint/reverse",
+        "forward/reverse", "checkpoint/reverse", "reverse/stockbn",
     ]  # fmt: skip
     lines += [
         "",

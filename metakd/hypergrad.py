@@ -561,7 +561,7 @@ def hypergradient(
     if backend == "func":
         engine = _reverse_checkpointed if checkpoint else _reverse_func
         # BatchNorm layers of a FunctionalModel get the closed-form double backward (metakd.nn).
-        with double_backward_batchnorm():
+        with double_backward_batchnorm(default=True):
             return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)
     engine = _reverse_torchopt if backend == "torchopt" else _reverse_higher
     return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)

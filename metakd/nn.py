@@ -71,7 +71,7 @@ class FunctionalModel:
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         # (None buffers are accepted by functional_call; its annotation says Tensor)
         tensors: dict[str, Any] = {**self.buffers(), **params}
-        if self._bn_buffers and self.module.training and _DOUBLE_BACKWARD_BN.get():
+        if self._bn_buffers and self.module.training and _DOUBLE_BACKWARD_BN.get() is True:
             with _BatchNormTrainMode():
                 return functional_call(self.module, tensors, (x,), strict=False)
         return functional_call(self.module, tensors, (x,), strict=False)
@@ -89,16 +89,22 @@ class FunctionalModel:
 #: Devices where :func:`double_backward_batchnorm` swaps in :func:`batch_norm_train`: measured faster on
 #: CPU (docs/benchmarks.md); CUDA keeps cuDNN's kernels until the GPU bench has measured the swap.
 FAST_BN_DEVICES: set[str] = {"cpu"}
-_DOUBLE_BACKWARD_BN: ContextVar[bool] = ContextVar("metakd_double_backward_bn", default=False)
+# None: nobody chose (stock BatchNorm); True/False: the innermost explicit choice.
+_DOUBLE_BACKWARD_BN: ContextVar[bool | None] = ContextVar("metakd_double_backward_bn", default=None)
 
 
 @contextlib.contextmanager
-def double_backward_batchnorm(enabled: bool = True) -> Iterator[None]:
+def double_backward_batchnorm(enabled: bool = True, *, default: bool = False) -> Iterator[None]:
     """Within the block, train-mode :class:`FunctionalModel` calls use :func:`batch_norm_train`.
 
     Enter it around code that differentiates a gradient again (reverse-over-reverse unrolls); the
     values are the same as the stock BatchNorm's, only its double backward is cheaper.
+    ``hypergradient(method="reverse")`` enters it with ``default=True``, which yields to an enclosing
+    explicit choice: ``with double_backward_batchnorm(False): hypergradient(...)`` runs the stock one.
     """
+    if default and _DOUBLE_BACKWARD_BN.get() is not None:
+        yield
+        return
     token = _DOUBLE_BACKWARD_BN.set(enabled)
     try:
         yield

@@ -97,3 +97,40 @@ def test_functional_model_uses_fast_batchnorm_only_inside_the_context():
     assert int(net[1].num_batches_tracked) == 0
     with double_backward_batchnorm(enabled=False):
         assert "NativeBatchNormBackward0" in _grad_fns(fm(params, x))
+
+
+def test_hypergradient_uses_fast_batchnorm_unless_the_caller_disables_it(monkeypatch):
+    import metakd.nn as mnn
+    from metakd import hypergradient, optim
+    from metakd.losses import cross_entropy
+
+    net = _bn_net().double().train()
+    fm = FunctionalModel(net)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64), torch.arange(6) % 3)]
+    batches *= 2
+    meta = {"s": torch.tensor(0.7, dtype=torch.float64, requires_grad=True)}
+
+    def train_loss(p, m, batch):
+        x, y = batch
+        return m["s"] * cross_entropy(fm(p, x), y) + (1 - m["s"]) * fm(p, x).pow(2).mean()
+
+    def val_loss(p, batch):
+        return cross_entropy(fm(p, batch[0]), batch[1])
+
+    calls = []
+    real = mnn.batch_norm_train
+    monkeypatch.setattr(mnn, "batch_norm_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def run():
+        return hypergradient(
+            train_loss, val_loss, params, meta, batches, batches[0], optim.sgd(0.1)
+        )
+
+    fast = run()
+    n_fast = len(calls)
+    with double_backward_batchnorm(False):
+        stock = run()
+    assert n_fast > 0 and len(calls) == n_fast  # the explicit False wins over the engine's default
+    torch.testing.assert_close(fast.grads["s"], stock.grads["s"], rtol=1e-9, atol=1e-12)
