@@ -2,7 +2,8 @@
 # One command for the GPU numbers of docs/benchmarks.md:
 #   bash benchmarks/gpu.sh OUTDIR
 # Runs (1) the hypergradient bench (cifar_very_tiny, batch 128, η = 1, 4, 16, 64, every engine,
-# median of 3) and (2) the one-epoch bench (baseline / hypergrad / forecast), on CUDA, and writes
+# median of 3; metakd's closed-form BatchNorm double backward switched on for CUDA too, so
+# metakd/reverse vs metakd/reverse-stockbn measures it there) and (2) the one-epoch bench (baseline / hypergrad / forecast), on CUDA, and writes
 # OUTDIR/{env.txt, bench.json, bench.md, bench_gpu.png, epoch.json, epoch.md, log.txt}.
 # Needs torch with CUDA, higher and torchopt; metakd is taken from this checkout (no install).
 # About 1-3 minutes on an H100/H200; each part is capped by `timeout`.
@@ -31,7 +32,8 @@ PY
 
 cd "$ROOT"
 timeout 170 "$PY" -m metakd.bench --device cuda --model cifar_very_tiny --batch-size 128 \
-  --etas 1,4,16,64 --repeats 3 --out "$OUT" --plot "$OUT/bench_gpu.png" 2>&1 | tee "$OUT/log.txt"
+  --etas 1,4,16,64 --repeats 3 --fast-bn-devices cpu,cuda --out "$OUT" --plot "$OUT/bench_gpu.png" \
+  2>&1 | tee "$OUT/log.txt"
 timeout 60 "$PY" -m metakd.bench --device cuda --model cifar_very_tiny --batch-size 128 \
   --e2e-only --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 echo "results in $OUT"

@@ -60,7 +60,7 @@ from metakd.hypergrad import hypergradient
 from metakd.losses import cross_entropy, distillation_loss
 from metakd.metaparams import constrain
 from metakd.models import build_model
-from metakd.nn import FunctionalModel, double_backward_batchnorm
+from metakd.nn import FAST_BN_DEVICES, FunctionalModel, double_backward_batchnorm
 
 __all__ = ["ENGINES", "EXTERNAL_ENGINES", "run_bench", "run_epoch_bench"]
 
@@ -949,7 +949,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--e2e", action="store_true", help="also run the one-epoch benchmark")
     p.add_argument("--e2e-only", action="store_true", help="run only the one-epoch benchmark")
     p.add_argument("--n-eval", type=int, default=10_000, help="e2e: val/test images")
+    p.add_argument("--fast-bn-devices", default=None,
+                   help="device types where the reverse engine uses metakd's closed-form BatchNorm "
+                        "double backward (default: metakd.nn.FAST_BN_DEVICES, i.e. cpu); "
+                        "e.g. cpu,cuda to measure it against metakd/reverse-stockbn on a GPU")  # fmt: skip
     a = p.parse_args(argv)
+    if a.fast_bn_devices is not None:
+        FAST_BN_DEVICES.clear()
+        FAST_BN_DEVICES.update(d.strip() for d in a.fast_bn_devices.split(",") if d.strip())
     try:
         etas = [int(e) for e in a.etas.split(",") if e.strip()]
     except ValueError:
