@@ -237,6 +237,15 @@ def batch_norm_train(
     return _BatchNormTrain.apply(x, weight, bias, eps)  # type: ignore[no-any-return]
 
 
+def _functorch_wrapped(x: Tensor) -> bool:
+    """True inside ``torch.func`` transforms (vmap/grad/jvp of the user's loss): keep the stock
+    BatchNorm there, which those transforms know how to handle."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # a private API: assume wrapped, i.e. take the safe stock path
+        return True
+
+
 class _BatchNormTrainMode(TorchFunctionMode):
     """Routes ``F.batch_norm(training=True)`` without running statistics to :func:`batch_norm_train`
     (only float32/float64 inputs on :data:`FAST_BN_DEVICES`); every other call runs unchanged."""
@@ -269,6 +278,7 @@ class _BatchNormTrainMode(TorchFunctionMode):
                 and a.get("running_var") is None
                 and x.dtype in (torch.float32, torch.float64)
                 and x.device.type in FAST_BN_DEVICES
+                and not _functorch_wrapped(x)
             ):
                 return batch_norm_train(x, a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
         return func(*args, **kwargs)

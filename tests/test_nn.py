@@ -134,3 +134,17 @@ def test_hypergradient_uses_fast_batchnorm_unless_the_caller_disables_it(monkeyp
         stock = run()
     assert n_fast > 0 and len(calls) == n_fast  # the explicit False wins over the engine's default
     torch.testing.assert_close(fast.grads["s"], stock.grads["s"], rtol=1e-9, atol=1e-12)
+
+
+def test_torch_func_transforms_inside_the_context_keep_the_stock_batchnorm():
+    """A loss that vmaps the model (e.g. per-example terms) still works inside the reverse engine."""
+    from torch.func import vmap
+
+    net = _bn_net().train()
+    fm = FunctionalModel(net)
+    params = {k: v.detach().requires_grad_(True) for k, v in net.named_parameters()}
+    xs = torch.randn(2, 5, 3, 6, 6)
+    with double_backward_batchnorm():
+        out = vmap(lambda x: fm(params, x))(xs)
+    ref = torch.stack([fm(params, x) for x in xs])
+    torch.testing.assert_close(out, ref)
