@@ -7,6 +7,7 @@
 # 2. runs the student (configs/cifar10.yaml, seed 0) for EPOCHS epochs: baseline, fixed
 #    (β1=0.01, β2=0.99, T=6.5) and hypergrad with the default meta settings and one change each,
 #    JOBS runs at a time (default 2), one torch thread each; RUNS picks a subset of the names below,
+#    SEED the student/λ seed (default 0),
 # 3. writes OUTDIR/report (metakd report) and prints final accuracy and λ per run.
 # About 25 minutes on 2 cores with the defaults (10 and 10 epochs); 30 epochs of four runs: ~25 minutes.
 set -euo pipefail
@@ -14,6 +15,7 @@ OUT=${1:?usage: cifar_cpu_probe.sh OUTDIR [EPOCHS] [TEACHER_EPOCHS]}
 EPOCHS=${2:-10}
 TEACHER_EPOCHS=${3:-10}
 JOBS=${JOBS:-2}
+SEED=${SEED:-0}
 RUNS=${RUNS:-reference hg-default hg-lr1e-3 hg-unroll10 hg-val1024}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
 mkdir -p "$OUT"
@@ -34,7 +36,7 @@ for name in $RUNS; do
   read -r methods overrides <<< "${ARGS[$name]}"
   while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
   # shellcheck disable=SC2086  # the overrides are separate words
-  metakd experiment configs/cifar10.yaml $overrides "${COMMON[@]}" --methods "$methods" --seeds 1 \
+  metakd experiment configs/cifar10.yaml $overrides "${COMMON[@]}" --methods "$methods" --seeds 1 --seed "$SEED" \
     --out "$OUT/$name" > /dev/null &
 done
 wait
@@ -42,10 +44,15 @@ metakd report "$OUT"/reference "$OUT"/hg-* --out "$OUT/report" > /dev/null
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-for s in sorted(Path(sys.argv[1]).glob("*/*/seed-0/summary.json")):
+print("| run | method | test acc (final) | test acc (best) | λ after epoch 1 | λ at the end |")
+print("|---|---|---:|---:|---|---|")
+for s in sorted(Path(sys.argv[1]).glob("*/*/seed-*/summary.json")):
     d = json.loads(s.read_text())
-    last = [json.loads(l) for l in (s.parent / "metrics.jsonl").read_text().splitlines() if l.strip()][-1]
-    lam = ", ".join(f"{k} {v:.2f}" for k, v in (last.get("meta") or {}).items())
-    print(f"{s.parent.parent.parent.name:20s} {s.parent.parent.name:10s} test {d['test_accuracy']:.4f}"
-          f"  best {d['best_test_accuracy']:.4f}  {lam}")
+    rows = [json.loads(l) for l in (s.parent / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    evals = [r for r in rows if "test_accuracy" in r]
+    def lam(r):
+        m = r.get("meta") or {}
+        return f"β1 {m['beta1']:.2f}, β2 {m['beta2']:.2f}, T {m['temperature']:.2f}" if m else "—"
+    print(f"| {s.parent.parent.parent.name} | {s.parent.parent.name} | {d['test_accuracy']:.4f} | "
+          f"{d['best_test_accuracy']:.4f} | {lam(evals[0])} | {lam(evals[-1])} |")
 PY
