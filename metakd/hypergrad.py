@@ -4,7 +4,8 @@ One public function, :func:`hypergradient`, with three methods:
 
 ``reverse`` (exact)
     Unroll w_{t+1}, s_{t+1} = U(w_t, s_t, ∇_w L_train(w_t, λ; B_t), λ) keeping the graph, then one
-    backward pass of L_val(w_η). Time ≈ 3–4 η training steps; memory O(η · activations).
+    backward pass of L_val(w_η). Time ≈ 2.5–3 η training steps (CPU, docs/benchmarks.md);
+    memory O(η · activations).
     ``checkpoint=True`` keeps only (w_t, s_t) per step and recomputes each step during the backward sweep
     (reverse accumulation by hand): memory O(η·P + one step's activations) for ≈ one extra forward/backward
     per step. Backends: ``func`` (default: metakd's fused functional optimizers, and BatchNorm layers of
