@@ -42,17 +42,18 @@ done
 wait
 metakd report "$OUT"/reference "$OUT"/hg-* --out "$OUT/report" > /dev/null
 python - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
+import sys
+from metakd.report import load_runs
+
+def lam(row):
+    m = row.get("meta") or {}
+    return f"β1 {m['beta1']:.2f}, β2 {m['beta2']:.2f}, T {m['temperature']:.2f}" if m else "—"
+
 print("| run | method | test acc (final) | test acc (best) | λ after epoch 1 | λ at the end |")
 print("|---|---|---:|---:|---|---|")
-for s in sorted(Path(sys.argv[1]).glob("*/*/seed-*/summary.json")):
-    d = json.loads(s.read_text())
-    rows = [json.loads(l) for l in (s.parent / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    evals = [r for r in rows if "test_accuracy" in r]
-    def lam(r):
-        m = r.get("meta") or {}
-        return f"β1 {m['beta1']:.2f}, β2 {m['beta2']:.2f}, T {m['temperature']:.2f}" if m else "—"
-    print(f"| {s.parent.parent.parent.name} | {s.parent.parent.name} | {d['test_accuracy']:.4f} | "
-          f"{d['best_test_accuracy']:.4f} | {lam(evals[0])} | {lam(evals[-1])} |")
+for run in sorted(load_runs([sys.argv[1]]), key=lambda r: str(r.path)):
+    evals = [r for r in run.rows if "test_accuracy" in r]
+    s = run.summary
+    print(f"| {run.path.parent.parent.name} | {run.method} | {s['test_accuracy']:.4f} | "
+          f"{s['best_test_accuracy']:.4f} | {lam(evals[0])} | {lam(evals[-1])} |")
 PY

@@ -3,8 +3,8 @@
 
     python benchmarks/synthetic_objective.py EXPERIMENT_DIR [EXPERIMENT_DIR ...]
 
-Reads every ``<method>/seed-*/summary.json`` (+ the last metrics.jsonl row for the final λ) under the
-given `metakd experiment` directories and prints, per run, the final λ, test accuracy and test
+Reads every finished run under the given `metakd experiment` directories (``metakd.report.load_runs``;
+the final λ is that of the last metrics row) and prints, per run, the final λ, test accuracy and test
 cross-entropy (the objective the metaparameters are tuned on when ``data.val_is_test: true``); per
 method the mean ± sample std of both; and the rank correlation between test cross-entropy and test
 accuracy over all runs (negative: lower cross-entropy goes with higher accuracy).
@@ -12,51 +12,32 @@ accuracy over all runs (negative: lower cross-entropy goes with higher accuracy)
 
 from __future__ import annotations
 
-import json
 import statistics as st
 import sys
 from pathlib import Path
 
+from scipy.stats import spearmanr
 
-def _runs(root: Path) -> list[dict]:
+from metakd.report import load_runs
+
+
+def _runs(dirs: list[Path]) -> list[dict]:
+    """Completed runs under ``dirs`` (metakd.report's reader) as method, seed, accuracy, CE, final λ."""
     out = []
-    for summary in sorted(root.glob("*/seed-*/summary.json")):
-        s = json.loads(summary.read_text())
-        if s.get("status") != "completed":
+    for run in load_runs(dirs):
+        if run.summary.get("status") != "completed":
             continue
-        last = None
-        for line in (summary.parent / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                last = json.loads(line)
-        meta = (last or {}).get("meta") or {}
+        metas = [row["meta"] for row in run.rows if row.get("meta")]
         out.append(
             {
-                "method": summary.parent.parent.name,
-                "seed": s["seed"],
-                "acc": float(s["test_accuracy"]),
-                "ce": float(s["test_loss"]),
-                "meta": meta,
+                "method": run.method,
+                "seed": run.seed,
+                "acc": float(run.summary["test_accuracy"]),
+                "ce": float(run.summary["test_loss"]),
+                "meta": metas[-1] if metas else {},
             }
         )
     return out
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):  # ties share the mean rank
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    return st.correlation(_ranks(a), _ranks(b))
 
 
 def _ms(xs: list[float], spec: str) -> str:
@@ -65,7 +46,7 @@ def _ms(xs: list[float], spec: str) -> str:
 
 
 def main(dirs: list[Path]) -> None:
-    runs = [r for d in dirs for r in _runs(d)]
+    runs = _runs(dirs)
     if not runs:
         sys.exit(f"no completed runs under {', '.join(map(str, dirs))}")
     print("| method | seed | β1 | β2 | T | test accuracy | test cross-entropy |")
@@ -81,7 +62,7 @@ def main(dirs: list[Path]) -> None:
         accs, ces = [r["acc"] for r in rs], [r["ce"] for r in rs]
         print(f"| {method} | {len(rs)} | {_ms(accs, '.4f')} | {_ms(ces, '.4f')} |")
     if len(runs) > 2:
-        rho = _spearman([r["ce"] for r in runs], [r["acc"] for r in runs])
+        rho = float(spearmanr([r["ce"] for r in runs], [r["acc"] for r in runs]).statistic)
         print(
             f"\nSpearman rank correlation(test cross-entropy, test accuracy) over {len(runs)} runs: {rho:+.2f}"
         )
