@@ -13,10 +13,11 @@ Other buffers are passed as detached clones, so in-place writes to them cannot l
 
 Double backward of BatchNorm (the reverse hypergradient engine's hot spot on CPU):
 differentiating ``∇_w L_train`` again sends the adjoint through every BatchNorm *backward*, and
-PyTorch's generic ``batchnorm_double_backward`` spends ~45 elementwise passes over the activation per
-layer (35-40 % of an unrolled step of the CIFAR student on CPU). :func:`batch_norm_train` is the same
+PyTorch's generic ``batchnorm_double_backward`` runs 31 elementwise ops over full-size activations per
+layer and unrolled step of the CIFAR student (``benchmarks/profile_batchnorm.py``); replacing it saves
+15-25 % of a CPU hypergradient (``metakd bench``, ``reverse/stockbn``). :func:`batch_norm_train` is the same
 training-mode BatchNorm (batch statistics, native kernels forward and backward) whose backward is
-itself a function with a closed-form, ~11-pass vector-Jacobian product (formulas in
+itself a function with a closed-form vector-Jacobian product, 9 such ops (formulas in
 ``_BatchNormTrainBackward``; checked by ``gradgradcheck`` in the tests). Inside
 :func:`double_backward_batchnorm` (the reverse engine enters it), train-mode :class:`FunctionalModel`
 calls route ``F.batch_norm`` through it; everywhere else (real steps, eval, ``torch.func`` transforms of
@@ -161,8 +162,9 @@ class _BatchNormTrainBackward(Function):
         ∂/∂γ  = r·S
         ∂/∂x  = -γ·r²·(x̂·S/M + ⟨gy·x̂⟩·P(a) + ⟨a·x̂⟩·P(gy)) + b·r·P(gy)
 
-    Each output is one fused ``addcmul`` chain per input tensor, so the whole product costs about 11
-    passes over the activation instead of the ~45 of the generic formula.
+    Each output is one ``addcmul`` chain per full-size input tensor: 9 elementwise ops over the
+    activation per layer and unrolled step, where the generic formula runs 31
+    (``benchmarks/profile_batchnorm.py``).
     """
 
     @staticmethod
