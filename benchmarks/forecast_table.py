@@ -8,10 +8,12 @@ steps, wall seconds and the seconds spent in hypergradients, and the mean foreca
 
 from __future__ import annotations
 
-import json
 import statistics as st
 import sys
+from collections import defaultdict
 from pathlib import Path
+
+from metakd.report import Run, load_runs
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -23,19 +25,18 @@ def main(out: Path) -> None:
           "| wall s | hypergradient s | forecast error (raw λ, mean) |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for exp in sorted(p for p in out.iterdir() if p.is_dir()):
-        for mdir in sorted(p for p in exp.iterdir() if p.is_dir()):
-            sums, errs = [], []
-            for run in sorted(mdir.glob("seed-*")):
-                f = run / "summary.json"
-                if not f.is_file():
-                    continue
-                sums.append(json.loads(f.read_text()))
-                for line in (run / "metrics.jsonl").read_text().splitlines():
-                    row = json.loads(line)
-                    if row.get("forecast_error"):
-                        errs.extend(float(v) for v in row["forecast_error"].values())
-            if not sums:
-                continue
+        by_method: dict[str, list[Run]] = defaultdict(list)  # method directory -> its runs
+        for run in load_runs([exp]):
+            by_method[run.path.parent.name].append(run)
+        for name in sorted(by_method):
+            sums = [r.summary for r in by_method[name]]
+            errs = [
+                float(v)
+                for r in by_method[name]
+                for row in r.rows
+                if row.get("forecast_error")
+                for v in row["forecast_error"].values()
+            ]
             fc = sums[0].get("forecaster") or "—"
             acc = [s["test_accuracy"] for s in sums]
             hg = st.mean(s["hypergradient_steps"] for s in sums)
@@ -43,7 +44,7 @@ def main(out: Path) -> None:
             wall = st.mean(s["wall_seconds"] for s in sums)
             hgs = st.mean(s["phase_seconds"]["hypergrad"] for s in sums)
             err = f"{st.mean(errs):.4f}" if errs else "—"
-            print(f"| {mdir.name} | {fc} | {len(sums)} | {_mean_sd(acc)} | {hg:.0f} | {pr:.0f} "
+            print(f"| {name} | {fc} | {len(sums)} | {_mean_sd(acc)} | {hg:.0f} | {pr:.0f} "
                   f"| {wall:.0f} | {hgs:.0f} | {err} |")  # fmt: skip
 
 

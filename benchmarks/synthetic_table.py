@@ -9,15 +9,16 @@ test sets (the ceiling), recomputed from the same generator and seeds.
 
 from __future__ import annotations
 
-import json
 import statistics as st
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from metakd.config import load_config
 from metakd.data import load_data
+from metakd.report import Run, load_runs
 
 
 def ceiling(config_yaml: Path) -> float:
@@ -31,27 +32,20 @@ def main(out: Path) -> None:
         root = out / proto
         if not root.is_dir():
             continue
-        rows = []
+        by_method: dict[str, list[Run]] = defaultdict(list)  # method directory -> its runs
+        for run in load_runs([root]):
+            by_method[run.path.parent.name].append(run)
         ceilings: dict[int, float] = {}
-        for mdir in sorted(p for p in root.iterdir() if p.is_dir()):
-            accs, seeds = [], []
-            for run in sorted(mdir.glob("seed-*")):
-                summary = run / "summary.json"
-                if not summary.is_file():
-                    continue
-                s = json.loads(summary.read_text())
-                accs.append(s["test_accuracy"])
-                seeds.append(s["seed"])
-                if s["seed"] not in ceilings:
-                    ceilings[s["seed"]] = ceiling(run / "config.yaml")
-            if accs:
-                sd = st.stdev(accs) if len(accs) > 1 else float("nan")
-                rows.append((mdir.name, len(accs), st.mean(accs), sd, max(accs)))
+        for run in (r for name in sorted(by_method) for r in by_method[name]):
+            if run.seed not in ceilings:
+                ceilings[run.seed] = ceiling(run.path / "config.yaml")
         print(f"\n### {proto}\n")
         print("| method | runs | final test accuracy | max |")
         print("|---|---:|---:|---:|")
-        for name, n, mean, sd, mx in rows:
-            print(f"| {name} | {n} | {mean:.4f} ± {sd:.4f} | {mx:.3f} |")
+        for name in sorted(by_method):
+            accs = [r.summary["test_accuracy"] for r in by_method[name]]
+            sd = st.stdev(accs) if len(accs) > 1 else float("nan")
+            print(f"| {name} | {len(accs)} | {st.mean(accs):.4f} ± {sd:.4f} | {max(accs):.3f} |")
         if ceilings:
             vals = list(ceilings.values())
             print(
