@@ -376,9 +376,8 @@ class Trainer:
             self.epoch_loss = [0.0, 0]
         boundary = s == 0 or (self.schedule is not None and self.schedule.is_boundary(s))
         bad = not math.isfinite(loss)
-        # meta-step rows follow log_every like the others (a row per step would dominate tiny runs)
         forced = evaluated or boundary or err is not None or bad
-        if forced or self.step % self.cfg.train.log_every == 0:
+        if forced or self._log_due(s, grads is not None):
             row = self._row(s, phase, loss, step_time, grads, extrap, err, ev)
             for cb in self.callbacks:
                 (cb.on_eval if evaluated else cb.on_step)(row)
@@ -387,6 +386,21 @@ class Trainer:
                 f"training loss became {loss} at step {s + 1} (epoch {s // self.steps_per_epoch + 1}); "
                 f"the student diverged: lower train.lr (now {self.cfg.train.lr})"
             )
+
+    def _log_due(self, s: int, meta_step: bool) -> bool:
+        """Whether step s (0-based) writes a metrics row outside the forced ones (eval, window
+        boundary, forecast error, non-finite loss).
+
+        Rows follow ``train.log_every`` (a row per step would dominate tiny runs). With
+        ``meta.every = k > 1`` meta steps fall on s ≡ 0 (mod k) while plain rows fall on
+        s + 1 ≡ 0 (mod log_every), so they would rarely meet and the hypergradients would go
+        unlogged: there, in optimize phases, the rows are the meta steps, every
+        ⌈log_every / k⌉-th one (about one row per log_every steps, each with its hypergradient).
+        """
+        every, log_every = self.cfg.meta.every, self.cfg.train.log_every
+        if every > 1 and self.phase(s) == "optimize":
+            return meta_step and (s // every) % -(-log_every // every) == 0
+        return (s + 1) % log_every == 0
 
     def _row(
         self, s: int, phase: str, loss: float, step_time: float, grads: dict[str, Tensor] | None,

@@ -264,3 +264,21 @@ def test_state_dict_round_trip_continues_identically(task):
         "predicted_steps",
     ):
         assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("every", [1, 3, 5, 10])
+def test_rows_carry_the_hypergradients_when_meta_steps_are_sparse(task, every):
+    """Meta steps at s ≡ 0 (mod every) and plain rows at s + 1 ≡ 0 (mod log_every) never meet
+    for every > 1; those runs log the meta steps themselves, one in ⌈log_every / every⌉."""
+    trainer, rows, _ = _run(
+        task, "meta.method=hypergrad", f"meta.every={every}", "train.log_every=10"
+    )
+    total = trainer.total_steps
+    with_grads = {r["step"] for r in rows if r["hypergrad"] is not None}
+    evals = {r["step"] for r in rows if r.get("_eval")}  # forced rows, logged whatever the step
+    stride = every * -(-10 // every) if every > 1 else 10
+    if every == 1:  # unchanged: a row every log_every steps (besides the forced first/eval rows)
+        assert with_grads >= set(range(10, total + 1, 10))
+    else:
+        assert with_grads - evals == {s + 1 for s in range(0, total, stride)} - evals
+        assert all(r["hypergrad_norm"] > 0 for r in rows if r["hypergrad"] is not None)
