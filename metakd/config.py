@@ -150,6 +150,10 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=10, ge=1, description="write a metrics row every N steps")
     checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint every N epochs")
     hinton_scaling: bool = Field(default=False, description="multiply the distillation term by T²")
+    normalize_weights: bool = Field(
+        default=False,
+        description="divide L_train by β1 + β2: the weights set only the mix of the two terms",
+    )
 
 
 class HypergradConfig(_Strict):

@@ -39,13 +39,21 @@ def distillation_loss(
     beta2: Tensor | float,
     temperature: Tensor | float,
     hinton_scaling: bool = False,
+    normalize_weights: bool = False,
 ) -> Tensor:
     """L_train(w, λ) of eq. 4, batch mean:
 
         β1 · CE(y, softmax(s)) + β2 · c · CE(softmax(t / T), softmax(s / T)),   c = T² if hinton_scaling else 1
 
+    divided by β1 + β2 when ``normalize_weights`` (then only the mix β1 : β2 matters, not the scale).
     ``student_logits`` and ``teacher_logits`` are ``(B, K)``, ``targets`` ``(B,)`` int64. The paper (and the
-    default here) does not use Hinton's T² factor. Differentiable in the logits and in β1, β2, T.
+    default here) does not use Hinton's T² factor nor the normalisation. Differentiable in the logits and
+    in β1, β2, T.
+
+    Why normalise: Adam's update m / √v does not change when the loss is scaled by a constant, but
+    within an η-step unroll it does — the moments m, v carry the old scale — so the common scale of
+    (β1, β2) acts on the unrolled steps like a learning-rate multiplier, and a short-horizon
+    hypergradient keeps shrinking it (a learning rate's short-horizon bias) instead of tuning the mix.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -56,7 +64,8 @@ def distillation_loss(
     soft = soft_cross_entropy(student_logits, teacher_logits, temperature)
     if hinton_scaling:
         soft = soft * temperature**2
-    return beta1 * hard + beta2 * soft
+    loss = beta1 * hard + beta2 * soft
+    return loss / (beta1 + beta2) if normalize_weights else loss
 
 
 @torch.no_grad()

@@ -192,6 +192,7 @@ class Trainer:
         return losses.distillation_loss(
             logits, y, t, beta1=lam["beta1"], beta2=lam["beta2"], temperature=lam["temperature"],
             hinton_scaling=self.cfg.train.hinton_scaling,
+            normalize_weights=self.cfg.train.normalize_weights,
         )  # fmt: skip
 
     def batch(self, step: int) -> Batch:

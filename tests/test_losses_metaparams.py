@@ -32,6 +32,17 @@ def test_distillation_loss_matches_its_definition():
     assert got.item() == pytest.approx(b1 * ref_hard + b2 * ref_soft, rel=1e-12)
     hinton = distillation_loss(s, y, t, beta1=b1, beta2=b2, temperature=T, hinton_scaling=True)
     assert hinton.item() == pytest.approx(b1 * ref_hard + b2 * T**2 * ref_soft, rel=1e-12)
+    norm = distillation_loss(s, y, t, beta1=b1, beta2=b2, temperature=T, normalize_weights=True)
+    assert norm.item() == pytest.approx((b1 * ref_hard + b2 * ref_soft) / (b1 + b2), rel=1e-12)
+    # normalised: the common scale of (β1, β2) has no effect, value or gradient in (β1, β2)
+    for c in (1e-3, 7.0):
+        bb = torch.tensor([c * b1, c * b2], dtype=torch.float64, requires_grad=True)
+        scaled = distillation_loss(
+            s, y, t, beta1=bb[0], beta2=bb[1], temperature=T, normalize_weights=True
+        )
+        assert scaled.item() == pytest.approx(norm.item(), rel=1e-12)
+        (g,) = torch.autograd.grad(scaled, bb)
+        assert float(g @ bb) == pytest.approx(0.0, abs=1e-12)  # d/dc L(c·β) = ∇L · β = 0
     assert cross_entropy(s, y).item() == pytest.approx(ref_hard, rel=1e-12)
     # stable for extreme logits and tiny temperatures
     big = distillation_loss(s * 1e4, y, t * 1e4, beta1=1.0, beta2=1.0, temperature=0.1)
