@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from metakd.config import Config, ConfigError, config_to_dict
 
@@ -96,7 +97,7 @@ class RunDir:
         """Write config.yaml; a *different* config already there is refused unless ``resume``."""
         text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         if self.config_path.exists():
-            old = yaml.safe_load(self.config_path.read_text()) or {}
+            old = _with_current_defaults(yaml.safe_load(self.config_path.read_text()) or {})
             new = config_to_dict(cfg)
             changed = sorted(_diff_keys(old, new) - {"out"})
             if changed and not resume:
@@ -231,6 +232,18 @@ class RunDir:
 
     def close(self) -> None:
         self.close_metrics()
+
+
+def _with_current_defaults(old: Any) -> Any:
+    """A stored config with the keys added to :class:`Config` since it was written filled in with
+    their defaults, so that a run resumed after an upgrade is not reported as changed when the new key
+    keeps its default; a config that no longer validates is compared as written."""
+    if not isinstance(old, dict):
+        return old
+    try:
+        return config_to_dict(Config.model_validate(old))
+    except ValidationError:
+        return old
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> set[str]:

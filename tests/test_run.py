@@ -153,3 +153,23 @@ def test_metrics_truncation_drops_later_and_partial_rows(tmp_path):
     assert [r["step"] for r in rd.read_metrics()] == [1, 2, 3]
     rd.append_metrics({"step": 4})
     assert [r["step"] for r in rd.read_metrics()] == [1, 2, 3, 4]
+
+
+def test_a_config_written_before_a_key_existed_is_not_a_change(tmp_path, caplog):
+    """A run directory written before ``train.normalize_weights`` existed resumes silently when the
+    new key keeps its default, and still reports the key when it differs."""
+    cfg = load_config(None)
+    old = config_to_dict(cfg)
+    del old["train"]["normalize_weights"]  # what an older metakd wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    rd = RunDir(tmp_path)
+    with caplog.at_level("WARNING", logger="metakd.run"):
+        rd.write_config(cfg)  # not a different config: no --resume needed, no warning
+    assert "changed config keys" not in caplog.text
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    changed = load_config(None, ["train.normalize_weights=true"])
+    with pytest.raises(ConfigError, match=r"train\.normalize_weights"):
+        rd.write_config(changed)
+    with caplog.at_level("WARNING", logger="metakd.run"):
+        rd.write_config(changed, resume=True)
+    assert "changed config keys: train.normalize_weights" in caplog.text
