@@ -9,7 +9,8 @@
 #    with one torch thread each, extra overrides in META (e.g. META=train.normalize_weights=true);
 #    resumable: rerun the same command to finish an interrupted grid,
 # 3. writes OUTDIR/report (metakd report) and prints the table of docs/reproduction.md (cifar_table.py).
-# On a 2-core CPU: teacher ~9 min; per run of 100 epochs ~25 min (baseline, fixed) to ~40 min (hypergrad).
+# On a 2-core CPU (two runs at a time): teacher ~7.5 min; per 100-epoch run ~12.5 min (baseline, fixed), ~19 min
+# (forecast), ~26 min (hypergrad).
 set -euo pipefail
 OUT=${1:?usage: cifar_cpu.sh OUTDIR [EPOCHS] [SEEDS] [WORKERS]}
 EPOCHS=${2:-100}
