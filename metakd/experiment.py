@@ -279,9 +279,16 @@ def run_experiment(
                         submit("optimal", job.seed)
         if failures:
             names = ", ".join(f"{m} seed {s}" for m, s, _ in failures)
-            raise RuntimeError(
-                f"{len(failures)} run(s) failed: {names}; finished runs are kept, rerun to resume"
-            ) from failures[0][2]
+            cause = failures[0][2]
+            message = (
+                f"{len(failures)} run(s) failed: {names}; first error: {cause}. Finished runs are "
+                "kept: fix the cause and rerun the same command to resume"
+            )
+            # a user-caused error in a worker (bad teacher, missing data, NaN) stays a user error, so
+            # the CLI reports it as one line with exit code 2 instead of a worker traceback
+            if isinstance(cause, ValueError | OSError | FloatingPointError):
+                raise ConfigError(message) from cause
+            raise RuntimeError(message) from cause
 
     summaries = [results[(m, s)] for m in methods for s in seeds]
     _write_results(out, summaries, cfg)

@@ -214,6 +214,34 @@ def test_workers_run_in_spawned_processes(tmp_path: Path) -> None:
     assert (out / "results.md").is_file()
 
 
+def failing_train_run(cfg: Config, run_dir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """fake_train_run, except that seed 1 fails with a user error (as a mismatched teacher does)."""
+    from metakd.config import ConfigError
+
+    if cfg.seed == 1:
+        raise ConfigError("teacher checkpoint 't.pt' was trained on another teacher/test split")
+    return fake_train_run(cfg, run_dir, **kwargs)
+
+
+def test_a_user_error_in_a_worker_stays_a_user_error_and_keeps_finished_runs(
+    tmp_path: Path,
+) -> None:
+    from metakd.config import ConfigError
+
+    out = tmp_path / "exp"
+    with pytest.raises(
+        ConfigError,
+        match=r"1 run\(s\) failed: hypergrad seed 1; first error: "
+        r"teacher checkpoint 't.pt' was trained on another",
+    ):
+        run_experiment(
+            _cfg(), methods=["hypergrad"], seeds=[0, 1], out_dir=out, workers=2, quiet=True,
+            train_fn=failing_train_run,
+        )  # fmt: skip
+    assert (out / "hypergrad" / "seed-0" / "summary.json").is_file()  # the finished run is kept
+    assert not (out / "hypergrad" / "seed-1" / "summary.json").exists()
+
+
 def _real_train_run_available() -> bool:
     try:
         return hasattr(importlib.import_module("metakd.run"), "train_run")
