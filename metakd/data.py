@@ -22,7 +22,9 @@ come from the config as given: the CIFAR config files set the paper's 10,112 / 1
 ImageFolder images are decoded once (Pillow, RGB) into a uint8 tensor (N, 3, H, W) and cached as
 ``<cache_dir>/imagefolder-<fingerprint>.pt``; the fingerprint is the SHA-256 of the class names, the Pillow
 version and each image's relative path, label, size in bytes and modification time (ns), so any added,
-removed or rewritten file invalidates the cache.
+removed or rewritten file invalidates the cache. Splits, teacher checkpoints and teacher-logit caches are
+keyed by the SHA-256 of the decoded pixels and labels instead, so a copy of the same images (extracted
+again, on another machine) still matches a teacher trained on them.
 """
 
 from __future__ import annotations
@@ -240,11 +242,15 @@ def decode_image_folder(
     class_to_idx: dict[str, int] | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Decode an ImageFolder-layout folder once, cached under ``cache_dir`` by its content fingerprint.
+    """Decode an ImageFolder-layout folder once, cached under ``cache_dir`` by its file fingerprint.
 
-    Returns {"images": uint8 (N, 3, H, W), "labels": int64 (N,), "classes": [str], "fingerprint": str}
-    in the sorted order of ``torchvision.datasets.folder.make_dataset``. ``workers`` DataLoader worker
-    processes decode (default min(cpu count, 8) for 2,048+ images, else in-process).
+    Returns {"images": uint8 (N, 3, H, W), "labels": int64 (N,), "classes": [str], "fingerprint": str,
+    "content_fingerprint": str} in the sorted order of ``torchvision.datasets.folder.make_dataset``.
+    ``fingerprint`` hashes the files' paths, sizes and modification times (cheap: it keys the cache);
+    ``content_fingerprint`` hashes the decoded pixels, labels and class names, so the same images copied
+    or extracted again (new modification times, another machine) keep it — the splits and the teacher
+    compatibility check use it. ``workers`` DataLoader worker processes decode (default
+    min(cpu count, 8) for 2,048+ images, else in-process).
     """
     root = Path(root)
     classes, samples = _folder_samples(root, class_to_idx)
@@ -254,6 +260,10 @@ def decode_image_folder(
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
             if cached.get("fingerprint") == fingerprint:
+                if "content_fingerprint" not in cached:  # a cache written before the key existed
+                    cached = dict(cached)
+                    cached["content_fingerprint"] = _content_fingerprint(cached)
+                    atomic_torch_save(cached, cache)
                 return dict(cached)
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             warnings.warn(
@@ -280,8 +290,13 @@ def decode_image_folder(
         "classes": classes,
         "fingerprint": fingerprint,
     }
+    result["content_fingerprint"] = _content_fingerprint(result)
     atomic_torch_save(result, cache)
     return result
+
+
+def _content_fingerprint(decoded: dict[str, Any]) -> str:
+    return "pixels-" + _sha256(decoded["classes"], decoded["labels"], decoded["images"])
 
 
 def _cifar10(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str], str]:
@@ -399,7 +414,9 @@ def _image_splits(
         "source_fingerprint": source_fp,
         "teacher_fingerprint": f"{cfg.name}-{teacher_fp[:24]}",
     }
-    info["fingerprint"] = f"{cfg.name}-" + _sha256(info, train_idx, val_idx)[:24]
+    # where the images lie is not part of their identity (source_fingerprint is): a moved copy matches
+    identity = {k: v for k, v in info.items() if k not in ("root", "test_root")}
+    info["fingerprint"] = f"{cfg.name}-" + _sha256(identity, train_idx, val_idx)[:24]
     return Splits(
         teacher=splits["teacher"],
         train=splits["train"],
@@ -419,7 +436,8 @@ def _imagefolder(
         )
     train = decode_image_folder(cfg.root, cfg.cache_dir)
     if cfg.test_root is None:
-        return train["images"], train["labels"], None, None, train["classes"], train["fingerprint"]
+        fp = train["content_fingerprint"]
+        return train["images"], train["labels"], None, None, train["classes"], fp
     class_to_idx = {c: i for i, c in enumerate(train["classes"])}
     test = decode_image_folder(cfg.test_root, cfg.cache_dir, class_to_idx)
     if test["images"].shape[1:] != train["images"].shape[1:]:
@@ -427,7 +445,7 @@ def _imagefolder(
             f"test images are {tuple(test['images'].shape[1:])} but training images are "
             f"{tuple(train['images'].shape[1:])}; both folders need one image size"
         )
-    fp = _sha256(train["fingerprint"], test["fingerprint"])
+    fp = _sha256(train["content_fingerprint"], test["content_fingerprint"])
     return train["images"], train["labels"], test["images"], test["labels"], train["classes"], fp
 
 

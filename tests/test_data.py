@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,42 @@ def test_decode_matches_pil_and_caches(
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="must not decode"):
         decode_image_folder(folder, cache)
+
+
+def test_a_copy_of_the_same_images_keeps_the_content_fingerprint_and_teacher_split(
+    folder: Path, tmp_path: Path
+) -> None:
+    cfg = DataConfig(
+        name="imagefolder", root=str(folder), n_train=12, n_val=10, n_test=15,
+        cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    first = decode_image_folder(folder, tmp_path / "c")
+    splits = load_data(cfg, seed=0, device="cpu")
+    # extracted again elsewhere: new paths and modification times, same pixels
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copy)
+    for path in copy.rglob("*.png"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 5 * 10**9))
+    again = decode_image_folder(copy, tmp_path / "c")
+    assert again["fingerprint"] != first["fingerprint"]  # a new cache entry ...
+    assert again["content_fingerprint"] == first["content_fingerprint"]  # ... for the same images
+    moved = load_data(cfg.model_copy(update={"root": str(copy)}), seed=0, device="cpu")
+    assert moved.info["teacher_fingerprint"] == splits.info["teacher_fingerprint"]
+    assert moved.info["fingerprint"] == splits.info["fingerprint"]
+    # one changed pixel is another dataset
+    img = np.asarray(Image.open(copy / "emu" / "003.png").convert("RGB")).copy()
+    img[0, 0, 0] ^= 1
+    Image.fromarray(img).save(copy / "emu" / "003.png")
+    changed = decode_image_folder(copy, tmp_path / "c")
+    assert changed["content_fingerprint"] != first["content_fingerprint"]
+    # a cache written before content fingerprints existed gets one without decoding again
+    (cache_file,) = [p for p in (tmp_path / "c").glob("imagefolder-*.pt")
+                     if torch.load(p, weights_only=True)["fingerprint"] == first["fingerprint"]]  # fmt: skip
+    old = {k: v for k, v in first.items() if k != "content_fingerprint"}
+    torch.save(old, cache_file)
+    upgraded = decode_image_folder(folder, tmp_path / "c")
+    assert upgraded["content_fingerprint"] == first["content_fingerprint"]
+    assert "content_fingerprint" in torch.load(cache_file, weights_only=True)
 
 
 def test_decode_with_worker_processes(folder: Path, tmp_path: Path) -> None:
