@@ -282,3 +282,30 @@ def test_rows_carry_the_hypergradients_when_meta_steps_are_sparse(task, every):
     else:
         assert with_grads - evals == {s + 1 for s in range(0, total, stride)} - evals
         assert all(r["hypergrad_norm"] > 0 for r in rows if r["hypergrad"] is not None)
+
+
+def test_meta_steps_leave_the_training_state_untouched(task):
+    """A hypergrad run whose meta steps cannot move λ (SGD, lr 1e-30) trains exactly like ``random``
+    with the same λ: the unrolls (Adam state, BatchNorm statistics, batches) have no side effects."""
+
+    def run(*overrides: str) -> tuple[Trainer, dict]:
+        splits, logits = task
+        cfg = _cfg(
+            "train.epochs=8", "train.optimizer=adam", "train.lr=0.01", "train.batch_size=5",
+            "meta.unroll=3", "meta.every=2", "train.eval_every=4", *overrides,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+        )
+        trainer = Trainer(cfg, model, splits, logits, device="cpu")
+        return trainer, trainer.train()
+
+    frozen, summary = run("meta.method=hypergrad", "meta.optimizer=sgd", "meta.lr=1e-30")
+    plain, plain_summary = run("meta.method=random")
+    assert summary["hypergradient_steps"] > 0
+    assert summary["meta"] == plain_summary["meta"]  # bit-identical λ
+    for (name, a), b in zip(
+        frozen.model.state_dict().items(), plain.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
