@@ -184,6 +184,13 @@ class MetaConfig(_Strict):
     hypergrad: HypergradConfig = Field(default_factory=HypergradConfig)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(default=1.0, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="meta lr over the run: lr at the first training step to lr_end at the last",
+    )
+    lr_end: float = Field(
+        default=0.0, ge=0, description="meta lr at the last step (linear, cosine)"
+    )
     momentum: float = Field(default=0.0, ge=0, lt=1)
     clip: float | None = Field(default=1.0, gt=0, description="clip each hypergradient's norm")
     val_batch_size: int | None = Field(default=None, ge=1, description="None: full batch")

@@ -25,6 +25,8 @@ Update rules (matching ``torch.optim.SGD`` and ``torch.optim.Adam`` with ``maxim
 Differentiating Adam through ``sqrt(v)`` at ``v = 0`` (a parameter whose gradient is exactly 0 so far)
 gives ∞·0 = NaN; we take ``sqrt(max(v, 1e-30))`` whose value differs from torch's by < 1e-15 and whose
 derivative there is 0 (the sub-gradient), so hypergradients stay finite.
+
+:func:`scheduled_lr` is the meta optimizer's learning rate over a run (``meta.lr_schedule``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "SgdState",
     "adam",
     "from_torch",
+    "scheduled_lr",
     "sgd",
     "to_torch_state",
 ]
@@ -333,3 +336,25 @@ def to_torch_state(
         for p, b in zip(params, state.momentum):
             out[p] = {"momentum_buffer": b.detach().clone()}
     return out
+
+
+# --------------------------------------------------------------------------- meta learning-rate schedule
+
+
+def scheduled_lr(kind: str, lr: float, lr_end: float, progress: float) -> float:
+    """The meta learning rate at ``progress`` = step / total steps ∈ [0, 1] (clamped).
+
+    constant: lr;  linear: lr + (lr_end − lr)·p;  cosine: lr_end + (lr − lr_end)·(1 + cos πp) / 2.
+
+    A pure function of the training step rather than a ``torch.optim.lr_scheduler``: those count their
+    own ``step()`` calls, i.e. meta steps, which come irregularly here (every ``meta.every`` steps, none
+    in forecast windows); a function of the step needs no state of its own in a checkpoint.
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    if kind == "constant":
+        return lr
+    if kind == "linear":
+        return lr + (lr_end - lr) * p
+    if kind == "cosine":
+        return lr_end + (lr - lr_end) * 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"unknown lr schedule {kind!r}; expected constant, linear or cosine")

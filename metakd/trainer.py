@@ -212,22 +212,8 @@ class Trainer:
 
     def meta_step(self, step: int) -> tuple[dict[str, Tensor], bool]:
         """Hypergradient over batches step..step+η-1 and one meta update; (raw grads, finite)."""
-        assert self.meta is not None
-        hc = self.cfg.meta.hypergrad
-        named = dict(self.model.named_parameters())
-        if hc.unroll_optimizer == "sgd":
-            inner, state = optim.sgd(hc.unroll_lr or self.cfg.train.lr), None
-        else:
-            inner, state = optim.from_torch(self.optimizer, named)
-        res = hypergrad.hypergradient(
-            self.train_loss, self.val_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw,
-            [self.batch(step + i) for i in range(self.cfg.meta.unroll)], self.val_batch(step),
-            optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
-            fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
-        )  # fmt: skip
+        grads, finite = self.hypergradient(step)
         self.counters["hypergradient_steps"] += 1
-        grads = {n: res.grads[n].detach() for n in self.meta.names}
-        finite = bool(res.finite) and all(bool(torch.isfinite(g).all()) for g in grads.values())
         if finite:
             self.apply_meta_grad(grads)
         else:
@@ -243,6 +229,38 @@ class Trainer:
                 )
         return grads, finite
 
+    def hypergradient(
+        self,
+        step: int,
+        *,
+        train_steps: Sequence[int] | None = None,
+        val_batch: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], bool]:
+        """dL_val(w_η(λ)) / d raw λ (eq. 11) from the current w, without a meta update.
+
+        Unrolls the train batches of ``train_steps`` (default step..step+η-1) from the current weights
+        and inner-optimizer state, and evaluates L_val on ``val_batch`` (default the meta step's
+        validation batch at ``step``). Returns the gradient per metaparameter (each shaped like its raw
+        tensor) and whether it is finite. Nothing in the trainer changes.
+        """
+        assert self.meta is not None
+        hc = self.cfg.meta.hypergrad
+        named = dict(self.model.named_parameters())
+        if hc.unroll_optimizer == "sgd":
+            inner, state = optim.sgd(hc.unroll_lr or self.cfg.train.lr), None
+        else:
+            inner, state = optim.from_torch(self.optimizer, named)
+        steps = range(step, step + self.cfg.meta.unroll) if train_steps is None else train_steps
+        res = hypergrad.hypergradient(
+            self.train_loss, self.val_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw,
+            [self.batch(s) for s in steps], self.val_batch(step) if val_batch is None else val_batch,
+            optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
+            fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
+        )  # fmt: skip
+        grads = {n: res.grads[n].detach() for n in self.meta.names}
+        finite = bool(res.finite) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        return grads, finite
+
     def apply_meta_grad(self, grads: Mapping[str, Tensor]) -> None:
         """Clip (norm over all metaparameters) and step the meta optimizer on raw λ; clamp."""
         assert self.meta is not None and self.meta_opt is not None
@@ -251,9 +269,18 @@ class Trainer:
             p.grad = grads[n].detach().reshape(p.shape).to(p.device, p.dtype).clone()
         if self.cfg.meta.clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.clip)
+        for group in self.meta_opt.param_groups:
+            group["lr"] = self.meta_lr(self.step)
         self.meta_opt.step()
         self.meta_opt.zero_grad(set_to_none=True)
         self.meta.clamp_()
+
+    def meta_lr(self, step: int) -> float:
+        """The meta optimizer's learning rate at 0-based ``step`` (``meta.lr_schedule`` over the run)."""
+        mc = self.cfg.meta
+        return optim.scheduled_lr(
+            mc.lr_schedule, mc.lr, mc.lr_end, step / max(self.total_steps - 1, 1)
+        )
 
     def _set_raw(self, vec: Tensor) -> None:
         assert self.meta is not None
@@ -425,6 +452,7 @@ class Trainer:
             "meta_raw": meta.raw_values() if meta is not None else None,
             "hypergrad": plain(grads),
             "hypergrad_norm": norm,
+            "meta_lr": self.meta_lr(s) if self.meta_opt is not None else None,
             "meta_forecast": plain(self._vec().unflat(extrap)) if extrap is not None else None,
             "forecast_error": plain(self._vec().unflat(err)) if err is not None else None,
         }

@@ -89,3 +89,28 @@ def test_bad_hyperparameters_name_the_value():
         optim.sgd(0.1, nesterov=True)
     with pytest.raises(ValueError, match=r"SGD and torch\.optim\.Adam"):
         optim.from_torch(torch.optim.RMSprop([torch.zeros(1, requires_grad=True)]), {})
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_scheduled_lr_matches_torch_schedulers_stepped_once_per_step(kind):
+    """``scheduled_lr`` at step / (total − 1) equals torch's LinearLR / CosineAnnealingLR after
+    ``step`` scheduler steps (the reference), from lr at step 0 to lr_end at the last step."""
+    lr, lr_end, total = 0.05, 0.002, 41
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=lr)
+    if kind == "linear":
+        ref = torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1.0, end_factor=lr_end / lr, total_iters=total - 1
+        )
+    else:
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - 1, eta_min=lr_end)
+    for step in range(total):
+        got = optim.scheduled_lr(kind, lr, lr_end, step / (total - 1))
+        assert got == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
+        opt.step()
+        ref.step()
+    assert optim.scheduled_lr(kind, lr, lr_end, 1.0) == pytest.approx(lr_end)
+    assert optim.scheduled_lr(kind, lr, lr_end, 7.0) == pytest.approx(lr_end)  # clamped
+    assert optim.scheduled_lr("constant", lr, lr_end, 0.5) == lr
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        optim.scheduled_lr("step", lr, lr_end, 0.5)

@@ -15,7 +15,7 @@ from metakd.trainer import Callback
 
 ROW_KEYS = {
     "step", "epoch", "phase", "train_loss", "step_time", "meta", "meta_raw", "hypergrad",
-    "hypergrad_norm", "meta_forecast", "forecast_error",
+    "hypergrad_norm", "meta_lr", "meta_forecast", "forecast_error",
 }  # fmt: skip
 EVAL_KEYS = {"val_accuracy", "val_loss", "test_accuracy", "test_loss"}
 SUMMARY_KEYS = {

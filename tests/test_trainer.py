@@ -309,3 +309,51 @@ def test_meta_steps_leave_the_training_state_untouched(task):
         frozen.model.state_dict().items(), plain.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_meta_lr_schedule_sets_each_meta_step(task, kind):
+    """With plain SGD meta steps and no clipping, r_{s+1} = r_s − lr(s)·g_s where lr(s) follows
+    ``meta.lr_schedule`` from meta.lr at step 0 to meta.lr_end at the last step; rows log it."""
+    over = ["meta.method=hypergrad", "meta.optimizer=sgd", "meta.clip=null", "train.epochs=20"]
+    over += ["meta.lr=0.8", "meta.lr_end=0.1", f"meta.lr_schedule={kind}"]
+    trainer, rows, _ = _run(task, *over)
+    by_step = {r["step"]: r for r in rows}
+    total = trainer.total_steps
+    for s in range(2, total + 1):  # row s: the hypergradient of 0-based step s − 1 and λ after it
+        p = (s - 1) / (total - 1)
+        lr = 0.8 + (0.1 - 0.8) * p if kind == "linear" else 0.1 + 0.35 * (1 + math.cos(math.pi * p))
+        assert by_step[s]["meta_lr"] == pytest.approx(lr, rel=1e-9)
+        for name in BOUNDS:
+            expected = by_step[s - 1]["meta_raw"][name] - lr * by_step[s]["hypergrad"][name]
+            assert by_step[s]["meta_raw"][name] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert by_step[total]["meta_lr"] == pytest.approx(0.1)
+    constant = _run(task, *over[:-2])[1]
+    assert {r["meta_lr"] for r in constant} == {0.8}
+    assert {r["meta_lr"] for r in _run(task, "meta.method=random", "train.epochs=2")[1]} == {None}
+
+
+def test_hypergradient_is_the_meta_steps_gradient_and_changes_nothing(task):
+    """``Trainer.hypergradient`` returns what the next meta step applies, leaves weights, λ, and the
+    meta optimizer as they were, and its train_steps / val_batch arguments change the result."""
+    splits, logits = task
+    cfg = _cfg(
+        "meta.method=hypergrad", "meta.unroll=3", "train.batch_size=5", "meta.val_batch_size=6"
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    before = copy.deepcopy(trainer.state_dict())
+    g, finite = trainer.hypergradient(0)
+    assert finite
+    after = trainer.state_dict()
+    assert after["meta"] == before["meta"] and after["step"] == 0
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k
+    g_again, _ = trainer.hypergradient(0)
+    assert all(torch.equal(g[n], g_again[n]) for n in g)
+    other_window, _ = trainer.hypergradient(0, train_steps=range(1, 4))
+    full_val, _ = trainer.hypergradient(0, val_batch=(splits.val.x, splits.val.y))
+    assert any(not torch.equal(g[n], other_window[n]) for n in g)
+    assert any(not torch.equal(g[n], full_val[n]) for n in g)
+    applied, _ = trainer.meta_step(0)
+    assert all(torch.equal(g[n], applied[n]) for n in g)
