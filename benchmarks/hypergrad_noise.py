@@ -1,0 +1,94 @@
+"""Where the noise of a run's hypergradient comes from: the validation batch or the unrolled train batches
+(docs/reproduction.md, "100 epochs on the CPU").
+
+    python benchmarks/hypergrad_noise.py RUN_DIR [--epochs 0,95] [--samples 32] [--val-sizes 128,1024]
+
+For the run's state after each listed epoch (0: the initial state — the seed's student and λ; otherwise the
+run's checkpoint of that epoch) it computes the η-step hypergradient dL_val / d raw λ (eq. 11) with
+``Trainer.hypergradient`` — the same computation as the run's meta steps, no meta update — under three
+kinds of resampling, ``--samples`` times each:
+
+* val: one train window (the next η real batches), a fresh random validation batch of each size;
+* train: the full validation set (10,112 images on CIFAR), the train windows of the next ``--samples``
+  meta steps (the batches the run itself would unroll);
+* both: window j with a fresh validation batch j of each size — the noise a meta step actually sees.
+
+and prints, per metaparameter, the mean of ``train`` (the hypergradient with the validation noise averaged
+out), the standard deviation under each resampling, and mean / std(both): the signal-to-noise ratio a meta
+step of that validation-batch size has. Seeded: the same command prints the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metakd.batches import derive_seed
+from metakd.config import load_config
+from metakd.run import _build
+from metakd.trainer import Trainer
+
+
+def _trainer(run_dir: Path, epoch: int) -> Trainer:
+    cfg = load_config(run_dir / "config.yaml", ["device=cpu"])
+    splits, logits, model = _build(cfg, torch.device("cpu"))
+    trainer = Trainer(cfg, model, splits, logits, device=torch.device("cpu"))
+    if epoch > 0:
+        path = run_dir / "checkpoints" / f"epoch-{epoch:05d}.pt"
+        if not path.is_file():
+            have = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+            raise SystemExit(f"{path} does not exist (checkpoints there: {have})")
+        trainer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["trainer"])
+    return trainer
+
+
+def _grad(trainer: Trainer, steps: range, val: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+    assert trainer.meta is not None
+    g, finite = trainer.hypergradient(steps.start, train_steps=steps, val_batch=val)
+    if not finite:
+        raise SystemExit(f"non-finite hypergradient at step {steps.start}")
+    return np.array([float(g[n].sum()) for n in trainer.meta.names])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--epochs", default="0,95", help="comma-separated; 0 = the initial state")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--val-sizes", default="128,1024")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sizes = [int(b) for b in args.val_sizes.split(",")]
+    for epoch in (int(e) for e in args.epochs.split(",")):
+        tr = _trainer(args.run_dir, epoch)
+        assert tr.meta is not None
+        eta, every, s0 = tr.cfg.meta.unroll, tr.cfg.meta.every, tr.step
+        val = tr.splits.val
+        gen = torch.Generator().manual_seed(derive_seed(tr.cfg.seed, 99, s0))
+
+        def val_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.randperm(int(val.y.shape[0]), generator=gen)[:size]  # noqa: B023
+            return val.x[idx], val.y[idx]  # noqa: B023
+
+        windows = [range(s0 + j * every, s0 + j * every + eta) for j in range(args.samples)]
+        train = np.stack([_grad(tr, w, (val.x, val.y)) for w in windows])
+        res = {"train (full val)": train}
+        for b in sizes:
+            res[f"val {b}"] = np.stack([_grad(tr, windows[0], val_batch(b)) for _ in windows])
+            res[f"both {b}"] = np.stack([_grad(tr, w, val_batch(b)) for w in windows])
+        lam = {k: round(float(v.detach()), 3) for k, v in tr.meta.constrained().items()}
+        print(f"{args.run_dir} epoch {epoch} (step {s0}, η {eta}, {args.samples} samples), λ {lam}")
+        mean = train.mean(0)
+        for i, name in enumerate(tr.meta.names):
+            cols = " ".join(f"std[{k}] {v[:, i].std(ddof=1):.2e}" for k, v in res.items())
+            snr = " ".join(
+                f"{b}: {abs(mean[i]) / res[f'both {b}'][:, i].std(ddof=1):.2f}" for b in sizes
+            )
+            print(f"  {name:12s} mean {mean[i]:+.2e}  {cols}  |mean|/std[both]: {snr}")
+
+
+if __name__ == "__main__":
+    main()
