@@ -5,7 +5,7 @@
 
 For the run's state after each listed epoch (0: the initial state — the seed's student and λ; otherwise the
 run's checkpoint of that epoch) it computes the η-step hypergradient dL_val / d raw λ (eq. 11) with
-``Trainer.hypergradient`` — the same computation as the run's meta steps, no meta update — under three
+``Trainer.hypergradient`` on ``metakd.run.load_trainer`` — the same computation as the run's meta steps, no meta update — under three
 kinds of resampling, ``--samples`` times each:
 
 * val: one train window (the next η real batches), a fresh random validation batch of each size;
@@ -27,22 +27,8 @@ import numpy as np
 import torch
 
 from metakd.batches import derive_seed
-from metakd.config import load_config
-from metakd.run import _build
+from metakd.run import load_trainer
 from metakd.trainer import Trainer
-
-
-def _trainer(run_dir: Path, epoch: int) -> Trainer:
-    cfg = load_config(run_dir / "config.yaml", ["device=cpu"])
-    splits, logits, model = _build(cfg, torch.device("cpu"))
-    trainer = Trainer(cfg, model, splits, logits, device=torch.device("cpu"))
-    if epoch > 0:
-        path = run_dir / "checkpoints" / f"epoch-{epoch:05d}.pt"
-        if not path.is_file():
-            have = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
-            raise SystemExit(f"{path} does not exist (checkpoints there: {have})")
-        trainer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["trainer"])
-    return trainer
 
 
 def _grad(trainer: Trainer, steps: range, val: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
@@ -63,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.val_sizes.split(",")]
     for epoch in (int(e) for e in args.epochs.split(",")):
-        tr = _trainer(args.run_dir, epoch)
+        tr = load_trainer(args.run_dir, epoch, device="cpu")
         assert tr.meta is not None
         eta, every, s0 = tr.cfg.meta.unroll, tr.cfg.meta.every, tr.step
         val = tr.splits.val

@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 import metakd
 from metakd import data, hypergrad, losses, models, optim, teacher
-from metakd.config import Config, ConfigError, TrainConfig
+from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
 from metakd.trainer import Callback, Trainer
 
@@ -40,6 +40,7 @@ __all__ = [
     "default_run_dir",
     "get_rng_state",
     "git_commit",
+    "load_trainer",
     "resolve_device",
     "seed_everything",
     "set_rng_state",
@@ -154,6 +155,47 @@ def _build(
     shape = tuple(int(s) for s in splits.train.x.shape[1:])
     model = models.build_model(cfg.student, shape, splits.num_classes).to(device)
     return splits, logits, model
+
+
+def load_trainer(
+    run_dir: str | Path, epoch: int | None = None, *, device: str | torch.device = "cpu"
+) -> Trainer:
+    """The trainer of the run in ``run_dir``, rebuilt from its config.yaml (data, teacher logits, seeded
+    student) and restored from the checkpoint of ``epoch`` (None: the newest; 0: the initial state,
+    before the first step) — to inspect a run, e.g. its hypergradients at a checkpoint
+    (:meth:`Trainer.hypergradient`) or its evaluation (:meth:`Trainer.evaluate`). A run keeps its two
+    newest checkpoints; asking for another epoch raises ``FileNotFoundError`` naming the kept ones."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no run (no config.yaml)")
+    rd = RunDir(Path(run_dir))
+    cfg = load_config(rd.config_path, [f"device={device}"])
+    dev = resolve_device(cfg.device)
+    state: dict[str, Any] | None = None
+    if epoch is None:
+        state = rd.load_checkpoint()
+        if state is None:
+            raise FileNotFoundError(
+                f"{rd.path} has no checkpoint; pass epoch=0 for the initial state"
+            )
+    elif epoch > 0:
+        path = rd.checkpoint_dir / f"epoch-{epoch:05d}.pt"
+        if not path.is_file():
+            kept = [p.name for p in rd.checkpoints()]
+            raise FileNotFoundError(
+                f"{path} does not exist; the run keeps {kept or 'no checkpoints'}"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    splits, logits, model = _build(cfg, dev)
+    trainer = Trainer(cfg, model, splits, logits, device=dev)
+    if state is not None:
+        fingerprint = str(splits.info.get("fingerprint", ""))
+        if state.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(
+                f"the data of {rd.path} changed since its checkpoint (fingerprint "
+                f"{state.get('fingerprint')} != {fingerprint})"
+            )
+        trainer.load_state_dict(state["trainer"])
+    return trainer
 
 
 def train_run(

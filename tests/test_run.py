@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from metakd.config import ConfigError, config_to_dict, load_config
-from metakd.run import check_grad, resolve_device, train_run
+from metakd.run import check_grad, load_trainer, resolve_device, train_run
 from metakd.rundir import RunDir
 from metakd.trainer import Callback
 
@@ -173,3 +173,30 @@ def test_a_config_written_before_a_key_existed_is_not_a_change(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="metakd.run"):
         rd.write_config(changed, resume=True)
     assert "changed config keys: train.normalize_weights" in caplog.text
+
+
+def test_load_trainer_restores_a_run_at_its_checkpoints(tmp_path, cache):
+    """``load_trainer`` rebuilds a finished run from its directory: at the newest checkpoint it
+    evaluates to the run's final numbers; from an earlier checkpoint it trains on to the same end;
+    epoch 0 is the seed's initial state; a missing checkpoint or run is named, not created."""
+    cfg = _cfg(cache, "meta.method=hypergrad", "train.epochs=30", "train.batch_size=8")
+    run = tmp_path / "run"
+    summary = train_run(cfg, run)
+    final = load_trainer(run)
+    assert final.step == summary["steps"] == 60
+    ev = final.evaluate()
+    assert ev["test_accuracy"] == summary["test_accuracy"]
+    assert final.meta.raw_values() == summary["meta_raw"]
+    earlier = load_trainer(run, 20)  # checkpoint_every=10 keeps epochs 20 and 30
+    assert earlier.step == 40
+    assert earlier.train()["meta_raw"] == summary["meta_raw"]
+    start = load_trainer(run, 0)
+    assert start.step == 0 and start.counters["hypergradient_steps"] == 0
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    g, finite = start.hypergradient(0)
+    assert finite and first["hypergrad"] == pytest.approx({n: float(v) for n, v in g.items()})
+    with pytest.raises(FileNotFoundError, match=r"epoch-00010\.pt does not exist.*epoch-00030\.pt"):
+        load_trainer(run, 10)
+    with pytest.raises(FileNotFoundError, match=r"no config\.yaml"):
+        load_trainer(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
