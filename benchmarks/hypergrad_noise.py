@@ -15,7 +15,9 @@ kinds of resampling, ``--samples`` times each:
 
 and prints, per metaparameter, the mean of ``train`` (the hypergradient with the validation noise averaged
 out), the standard deviation under each resampling, and mean / std(both): the signal-to-noise ratio a meta
-step of that validation-batch size has. Seeded: the same command prints the same numbers.
+step of that validation-batch size has. For comparison it also prints the mean ± std of the hypergradients
+the run itself logged over the same steps (metrics.jsonl): there the weights move between meta steps, here
+they are frozen at the checkpoint. Seeded: the same command prints the same numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from metakd.batches import derive_seed
 from metakd.run import load_trainer
+from metakd.rundir import RunDir
 from metakd.trainer import Trainer
 
 
@@ -68,12 +71,21 @@ def main() -> None:
         lam = {k: round(float(v.detach()), 3) for k, v in tr.meta.constrained().items()}
         print(f"{args.run_dir} epoch {epoch} (step {s0}, η {eta}, {args.samples} samples), λ {lam}")
         mean = train.mean(0)
+        span = range(s0 + 1, s0 + args.samples * every + 1)  # 1-based steps of the logged rows
+        logged = [
+            r["hypergrad"] for r in RunDir(args.run_dir).read_metrics()
+            if r.get("hypergrad") and r["step"] in span
+        ]  # fmt: skip
         for i, name in enumerate(tr.meta.names):
             cols = " ".join(f"std[{k}] {v[:, i].std(ddof=1):.2e}" for k, v in res.items())
             snr = " ".join(
                 f"{b}: {abs(mean[i]) / res[f'both {b}'][:, i].std(ddof=1):.2f}" for b in sizes
             )
             print(f"  {name:12s} mean {mean[i]:+.2e}  {cols}  |mean|/std[both]: {snr}")
+            if len(logged) > 1:
+                g = np.array([row[name] for row in logged])
+                print(f"  {'':12s} logged by the run at steps {span.start}-{span.stop - 1}: "
+                      f"mean {g.mean():+.2e} std {g.std(ddof=1):.2e} ({len(g)} meta steps)")  # fmt: skip
 
 
 if __name__ == "__main__":
