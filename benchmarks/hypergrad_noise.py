@@ -51,6 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.val_sizes.split(",")]
+    rows = RunDir(args.run_dir).read_metrics()
     for epoch in (int(e) for e in args.epochs.split(",")):
         tr = load_trainer(args.run_dir, epoch, device="cpu")
         assert tr.meta is not None
@@ -72,10 +73,7 @@ def main() -> None:
         print(f"{args.run_dir} epoch {epoch} (step {s0}, η {eta}, {args.samples} samples), λ {lam}")
         mean = train.mean(0)
         span = range(s0 + 1, s0 + args.samples * every + 1)  # 1-based steps of the logged rows
-        logged = [
-            r["hypergrad"] for r in RunDir(args.run_dir).read_metrics()
-            if r.get("hypergrad") and r["step"] in span
-        ]  # fmt: skip
+        logged = [r["hypergrad"] for r in rows if r.get("hypergrad") and r["step"] in span]
         for i, name in enumerate(tr.meta.names):
             cols = " ".join(f"std[{k}] {v[:, i].std(ddof=1):.2e}" for k, v in res.items())
             snr = " ".join(

@@ -178,7 +178,7 @@ def load_trainer(
                 f"{rd.path} has no checkpoint; pass epoch=0 for the initial state"
             )
     elif epoch > 0:
-        path = rd.checkpoint_dir / f"epoch-{epoch:05d}.pt"
+        path = rd.checkpoint_path(epoch)
         if not path.is_file():
             kept = [p.name for p in rd.checkpoints()]
             raise FileNotFoundError(
@@ -188,14 +188,19 @@ def load_trainer(
     splits, logits, model = _build(cfg, dev)
     trainer = Trainer(cfg, model, splits, logits, device=dev)
     if state is not None:
-        fingerprint = str(splits.info.get("fingerprint", ""))
-        if state.get("fingerprint", fingerprint) != fingerprint:
-            raise ValueError(
-                f"the data of {rd.path} changed since its checkpoint (fingerprint "
-                f"{state.get('fingerprint')} != {fingerprint})"
-            )
-        trainer.load_state_dict(state["trainer"])
+        _restore(trainer, state, rd)
     return trainer
+
+
+def _restore(trainer: Trainer, state: Mapping[str, Any], rd: RunDir) -> None:
+    """Load a checkpoint's trainer state after checking it was made on the same data."""
+    fingerprint = str(trainer.splits.info.get("fingerprint", ""))
+    if state.get("fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"the data of {rd.path} changed since its checkpoint (fingerprint "
+            f"{state.get('fingerprint')} != {fingerprint}); start a new run with a new --out"
+        )
+    trainer.load_state_dict(state["trainer"])
 
 
 def train_run(
@@ -244,12 +249,7 @@ def _train(
     )
     fingerprint = str(splits.info.get("fingerprint", ""))
     if ckpt is not None:
-        if ckpt.get("fingerprint", fingerprint) != fingerprint:
-            raise ValueError(
-                f"the data of {rd.path} changed since its checkpoint (fingerprint "
-                f"{ckpt.get('fingerprint')} != {fingerprint}); start a new run with a new --out"
-            )
-        trainer.load_state_dict(ckpt["trainer"])
+        _restore(trainer, ckpt, rd)
         set_rng_state(ckpt["rng"])
         log.info("resumed %s at epoch %d (step %d)", rd.path, trainer.epoch, trainer.step)
     elif resume:

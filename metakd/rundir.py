@@ -173,9 +173,13 @@ class RunDir:
         ]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def checkpoint_path(self, epoch: int) -> Path:
+        """``checkpoints/epoch-XXXXX.pt``: where the checkpoint of ``epoch`` is (or would be) saved."""
+        return self.checkpoint_dir / f"epoch-{epoch:05d}.pt"
+
     def save_checkpoint(self, state: Mapping[str, Any], epoch: int) -> Path:
         """Save ``state`` as ``checkpoints/epoch-XXXXX.pt`` atomically; keep it and the previous one."""
-        path = self.checkpoint_dir / f"epoch-{epoch:05d}.pt"
+        path = self.checkpoint_path(epoch)
         atomic_torch_save(dict(state), path)
         for old in self.checkpoints()[2:]:
             old.unlink(missing_ok=True)

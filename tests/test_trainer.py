@@ -347,6 +347,7 @@ def test_hypergradient_is_the_meta_steps_gradient_and_changes_nothing(task):
     assert finite
     after = trainer.state_dict()
     assert after["meta"] == before["meta"] and after["step"] == 0
+    assert after["meta_optimizer"] == before["meta_optimizer"]
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k]), k
     g_again, _ = trainer.hypergradient(0)
