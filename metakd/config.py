@@ -157,8 +157,17 @@ class TrainConfig(_Strict):
 
 
 class HypergradConfig(_Strict):
-    method: Literal["reverse", "forward", "finite-difference"] = "reverse"
+    method: Literal["reverse", "forward", "finite-difference", "online"] = Field(
+        default="reverse",
+        description="reverse | forward | finite-difference: through a look-ahead unroll of meta.unroll "
+        "steps; online: forward-mode tangents carried along the real training steps (the whole "
+        "history, meta.unroll unused)",
+    )
     backend: Literal["func", "torchopt", "higher"] = "func"
+    online_decay: float = Field(
+        default=1.0, ge=0, le=1,
+        description="online: forgetting factor γ of the carried tangents (horizon ~ 1/(1-γ) steps)",
+    )  # fmt: skip
     fd_eps: float = Field(
         default=0.01, gt=0, description="finite-difference: eps = fd_eps/‖∇L_val‖"
     )
@@ -202,6 +211,18 @@ class MetaConfig(_Strict):
             raise ValueError(
                 f"values has keys {sorted(unknown)} that are not metaparameters {sorted(self.params)}"
             )
+        hc = self.hypergrad
+        if hc.method == "online":
+            if self.method == "forecast":
+                raise ValueError(
+                    "hypergrad.method=online carries tangents through every training step, so "
+                    "method=forecast would save nothing; use hypergrad.method=reverse or forward"
+                )
+            if hc.unroll_optimizer != "match" or hc.backend != "func":
+                raise ValueError(
+                    "hypergrad.method=online differentiates the real student optimizer: it needs "
+                    "hypergrad.unroll_optimizer=match and hypergrad.backend=func"
+                )
         return self
 
 

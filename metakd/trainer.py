@@ -123,6 +123,9 @@ class Trainer:
         self.schedule = (
             ForecastSchedule(cfg.forecast, self._vec().dim) if self.method == "forecast" else None
         )
+        # Online forward mode (meta.hypergrad.method=online): Z_t = d(w_t, s_t)/d raw λ along the real steps.
+        self.online = self.method == "hypergrad" and cfg.meta.hypergrad.method == "online"
+        self.tangents: hypergrad.Tangents | None = None
         self.step = 0
         self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
         self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
@@ -211,8 +214,12 @@ class Trainer:
         return "optimize" if self.method == "hypergrad" else "train"
 
     def meta_step(self, step: int) -> tuple[dict[str, Tensor], bool]:
-        """Hypergradient over batches step..step+η-1 and one meta update; (raw grads, finite)."""
+        """Hypergradient over batches step..step+η-1 (online: over the steps trained so far) and one
+        meta update; (raw grads, finite). An online meta step before any training step is skipped
+        (its hypergradient is zero) and not counted."""
         grads, finite = self.hypergradient(step)
+        if self.online and self.tangents is None:
+            return grads, finite
         self.counters["hypergradient_steps"] += 1
         if finite:
             self.apply_meta_grad(grads)
@@ -240,12 +247,29 @@ class Trainer:
 
         Unrolls the train batches of ``train_steps`` (default step..step+η-1) from the current weights
         and inner-optimizer state, and evaluates L_val on ``val_batch`` (default the meta step's
-        validation batch at ``step``). Returns the gradient per metaparameter (each shaped like its raw
-        tensor) and whether it is finite. Nothing in the trainer changes.
+        validation batch at ``step``). Online (``meta.hypergrad.method=online``): ⟨∇_w L_val(w), Z⟩ with
+        the tangents carried over the steps trained so far (zero before the first; ``train_steps`` must
+        be None). Returns the gradient per metaparameter (each shaped like its raw tensor) and whether it
+        is finite. Nothing in the trainer changes.
         """
         assert self.meta is not None
         hc = self.cfg.meta.hypergrad
         named = dict(self.model.named_parameters())
+        vb = self.val_batch(step) if val_batch is None else val_batch
+        if self.online:
+            if train_steps is not None:
+                raise ValueError(
+                    "meta.hypergrad.method=online differentiates the steps already trained; "
+                    "train_steps is for look-ahead unrolls (reverse/forward)"
+                )
+            if self.tangents is None:
+                return {n: torch.zeros_like(self.meta.raw[n]) for n in self.meta.names}, True
+            params = {k: p.detach() for k, p in named.items()}
+            res = hypergrad.tangent_hypergradient(
+                self.val_loss, params, self.meta.raw, vb, self.tangents
+            )
+            grads = {n: res.grads[n].detach() for n in self.meta.names}
+            return grads, bool(res.finite)
         if hc.unroll_optimizer == "sgd":
             inner, state = optim.sgd(hc.unroll_lr or self.cfg.train.lr), None
         else:
@@ -253,7 +277,7 @@ class Trainer:
         steps = range(step, step + self.cfg.meta.unroll) if train_steps is None else train_steps
         res = hypergrad.hypergradient(
             self.train_loss, self.val_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw,
-            [self.batch(s) for s in steps], self.val_batch(step) if val_batch is None else val_batch,
+            [self.batch(s) for s in steps], vb,
             optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
             fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
         )  # fmt: skip
@@ -305,6 +329,17 @@ class Trainer:
             self.apply_meta_grad(self._vec().unflat(pred))
         self.counters["predicted_steps"] += 1
         self.phase_seconds["forecast"] += time.perf_counter() - t0
+
+    def carry_tangents(self, batch: Batch) -> None:
+        """Online forward mode: Z ← ∂U/∂(w, s)·(γZ) + ∂U/∂λ for the real step about to be taken on
+        ``batch`` at the current weights, optimizer state and λ (:func:`metakd.hypergrad.tangent_step`)."""
+        assert self.meta is not None
+        named = dict(self.model.named_parameters())
+        inner, state = optim.from_torch(self.optimizer, named)
+        _, _, self.tangents = hypergrad.tangent_step(
+            self.train_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw, batch,
+            inner, state, self.tangents, decay=self.cfg.meta.hypergrad.online_decay,
+        )  # fmt: skip
 
     def _real_step(self, batch: Batch) -> float:
         x, y, t = batch
@@ -369,6 +404,10 @@ class Trainer:
             self.phase_seconds["hypergrad"] += time.perf_counter() - t1
         elif phase == "predict":
             self._forecast_step(s)
+        if self.online:
+            t1 = time.perf_counter()
+            self.carry_tangents(self.batch(s))
+            self.phase_seconds["hypergrad"] += time.perf_counter() - t1
         t2 = time.perf_counter()
         loss = self._real_step(self.batch(s))
         self.stream.consumed(s)
@@ -483,7 +522,9 @@ class Trainer:
             "forecaster": self.cfg.forecast.forecaster if fc else None,
             "forecast_target": self.cfg.forecast.target if fc else None,
             "window": self.cfg.forecast.window if fc else None,
-            "unroll": self.cfg.meta.unroll if self.method in _META_METHODS else None,
+            "unroll": (
+                self.cfg.meta.unroll if self.method in _META_METHODS and not self.online else None
+            ),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -494,6 +535,7 @@ class Trainer:
             "meta": self.meta.state_dict() if self.meta is not None else None,
             "meta_optimizer": self.meta_opt.state_dict() if self.meta_opt is not None else None,
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "tangents": self.tangents.to_list() if self.tangents is not None else None,
             "step": self.step,
             "counters": dict(self.counters),
             "phase_seconds": dict(self.phase_seconds),
@@ -515,6 +557,13 @@ class Trainer:
             self.meta_opt.load_state_dict(state["meta_optimizer"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
+        tangents = state.get("tangents")
+        self.tangents = None
+        if tangents is not None:
+            names = [k for k, _ in self.model.named_parameters()]
+            self.tangents = hypergrad.Tangents.from_list(
+                names, [t.to(self.device) for t in tangents]
+            )
         self.step = int(state["step"])
         self.counters = {k: int(v) for k, v in state["counters"].items()}
         self.phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}

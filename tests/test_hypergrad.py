@@ -320,3 +320,105 @@ def test_non_finite_hypergradient_is_flagged():
     with pytest.warns(RuntimeWarning, match="non-finite"):
         res = metakd.hypergradient(tl, vl, dict(module.named_parameters()), meta, batches, val)
     assert not res.finite
+
+
+# --------------------------------------------------------------------------- online forward mode
+
+
+def _online_hypergrad(module, raw, batches, val_batch, inner, decay=1.0):
+    """Carry tangents through the η real steps (tangent_step), then ⟨∇L_val(w_η), Z_η⟩."""
+    fmodel = FunctionalModel(module)
+
+    def train_loss(params, meta, batch):
+        x, y, t = batch
+        return _loss_of(fmodel(params, x), y, t, meta)
+
+    def val_loss(params, batch):
+        return cross_entropy(fmodel(params, batch[0]), batch[1])
+
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    state, tangents = inner.init_tuple(list(params.values())), None
+    for batch in batches:
+        params, state, tangents = metakd.hypergrad.tangent_step(
+            train_loss, params, raw, batch, inner, state, tangents, decay=decay
+        )
+    res = metakd.hypergrad.tangent_hypergradient(val_loss, params, raw, val_batch, tangents)
+    return res, torch.stack([res.grads[k] for k in raw])
+
+
+@pytest.mark.parametrize("eta", [1, 3, 12])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_online_tangents_match_finite_differences(opt_name, eta):
+    make_inner, make_torch = OPTIMIZERS[opt_name]
+    module = _mlp()
+    batches, val = _data("mlp", eta)
+    raw = _raw0()
+    ref = _fd_hypergrad(module, raw, batches, val, make_torch)
+    res, hg = _online_hypergrad(module, raw, batches, val, make_inner())
+    assert res.finite
+    assert _rel(hg, ref) <= 1e-5, (hg, ref)
+    assert res.val_loss == pytest.approx(
+        _reference_objective(module, raw, batches, val, make_torch), rel=1e-10
+    )
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_online_tangents_through_batchnorm(opt_name):
+    make_inner, make_torch = OPTIMIZERS[opt_name]
+    module = _cnn()
+    module.train()
+    batches, val = _data("cnn", 4)
+    raw = _raw0()
+    ref = _fd_hypergrad(module, raw, batches, val, make_torch)
+    _, hg = _online_hypergrad(module, raw, batches, val, make_inner())
+    assert _rel(hg, ref) <= 1e-5
+
+
+def test_online_decay_weights_older_steps_by_powers_of_gamma():
+    """With γ, Z_η = Σ_k γ^(η-1-k) ∂w_η/∂λ_k: the derivative of F when the λ of step k moves by
+    γ^(η-1-k)·δ — checked by central differences of the plain torch.optim loop with per-step λ."""
+    make_inner, make_torch = OPTIMIZERS["adam"]
+    module, raw, gamma, h = _mlp(), _raw0(), 0.5, 1e-3
+    batches, (vx, vy) = _data("mlp", 5)
+
+    def f(name, delta):
+        m = copy.deepcopy(module).train()
+        opt = make_torch(m.parameters())
+        for k, (x, y, t) in enumerate(batches):
+            shifted = dict(raw)
+            shifted[name] = raw[name] + delta * gamma ** (len(batches) - 1 - k)
+            opt.zero_grad()
+            _loss_of(m(x), y, t, shifted).backward()
+            opt.step()
+        with torch.no_grad():
+            return F.cross_entropy(m(vx), vy).item()
+
+    ref = torch.tensor([(f(k, h) - f(k, -h)) / (2 * h) for k in raw], dtype=DT)
+    _, hg = _online_hypergrad(module, raw, batches, (vx, vy), make_inner(), decay=gamma)
+    assert _rel(hg, ref) <= 1e-5, (hg, ref)
+    _, full = _online_hypergrad(module, raw, batches, (vx, vy), make_inner())
+    assert _rel(hg, full) > 1e-2  # the decay changes the answer
+
+
+def test_online_tangents_checkpoint_round_trip_and_errors():
+    module = _mlp()
+    batches, _ = _data("mlp", 2)
+    inner, raw = optim.adam(0.05), _raw0()
+    fmodel = FunctionalModel(module)
+
+    def train_loss(params, meta, batch):
+        return _loss_of(fmodel(params, batch[0]), batch[1], batch[2], meta)
+
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    state = inner.init_tuple(list(params.values()))
+    _, _, z = metakd.hypergrad.tangent_step(train_loss, params, raw, batches[0], inner, state)
+    again = metakd.hypergrad.Tangents.from_list(list(params), z.to_list())
+    assert all(torch.equal(again.params[k], z.params[k]) for k in params)
+    assert len(again.state) == len(z.state) == 2 * len(params)  # Adam: m and v per parameter
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
+        metakd.hypergrad.tangent_step(train_loss, params, raw, batches[1], inner, state, z, decay=2)
+    sgd = optim.sgd(0.1)
+    with pytest.raises(ValueError, match="tangents do not match"):
+        metakd.hypergrad.tangent_step(
+            train_loss, params, raw, batches[1], sgd, sgd.init_tuple(list(params.values())), z
+        )

@@ -125,14 +125,18 @@ def test_resolve_device():
         resolve_device("gpu0")
 
 
+ONLINE = ["meta.hypergrad.method=online"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "tol"),
     [
         (["train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "meta.unroll=3"], 1e-4),
         (["train.optimizer=adam", "train.lr=0.05", "meta.unroll=3"], 1e-4),
         (["meta.hypergrad.method=finite-difference", "train.optimizer=sgd", "train.lr=0.1"], 1e-2),
+        (["train.optimizer=adam", "train.lr=0.05", "meta.unroll=3", *ONLINE], 1e-4),
     ],
-    ids=["sgd-momentum", "adam", "darts-fd"],
+    ids=["sgd-momentum", "adam", "darts-fd", "online-adam"],
 )
 def test_check_grad_agrees_with_finite_differences(cache, overrides, tol):
     result = check_grad(_cfg(cache, *overrides), eps=1e-3)

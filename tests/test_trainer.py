@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import metakd.hypergrad
-from metakd.config import Config, load_config
+from metakd import optim
+from metakd.config import Config, ConfigError, load_config
 from metakd.data import Split, Splits
 from metakd.hypergrad import HypergradResult
 from metakd.trainer import Callback, Trainer
@@ -358,3 +359,73 @@ def test_hypergradient_is_the_meta_steps_gradient_and_changes_nothing(task):
     assert any(not torch.equal(g[n], full_val[n]) for n in g)
     applied, _ = trainer.meta_step(0)
     assert all(torch.equal(g[n], applied[n]) for n in g)
+
+
+def test_online_hypergradient_differentiates_the_steps_trained_so_far(task):
+    """meta.hypergrad.method=online: after K real steps with λ held (no meta step before K), the
+    trainer's hypergradient is dL_val(w_K)/dλ through those K steps — the exact reverse-mode unroll of
+    the same batches from the initial weights (an independent engine). The step-0 meta step has no
+    history: it is skipped, not counted, and λ stays put."""
+    splits, logits = task
+    k = 6
+    cfg = _cfg(
+        "meta.method=hypergrad", "meta.hypergrad.method=online", f"meta.every={k}",
+        "train.batch_size=5", "train.optimizer=adam", "meta.val_batch_size=6",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    w0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    raw0 = {n: v.detach().clone() for n, v in trainer.meta.raw.items()}
+    for s in range(k):
+        trainer._one_step(s)
+    assert trainer.counters["hypergradient_steps"] == 0
+    assert all(torch.equal(trainer.meta.raw[n], raw0[n]) for n in raw0)
+    online, finite = trainer.hypergradient(k)
+    assert finite
+    ref = metakd.hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, w0, trainer.meta.raw,
+        [trainer.batch(s) for s in range(k)], trainer.val_batch(k),
+        optimizer=optim.adam(cfg.train.lr), method="reverse",
+    )  # fmt: skip
+    for n in raw0:
+        assert float(ref.grads[n].abs()) > 1e-6
+        assert online[n] == pytest.approx(float(ref.grads[n]), rel=1e-3, abs=1e-7), n
+    with pytest.raises(ValueError, match="train_steps is for look-ahead"):
+        trainer.hypergradient(k, train_steps=range(3))
+
+
+def test_online_run_trains_moves_lambda_and_resumes_identically(task):
+    splits, logits = task
+    over = ["meta.method=hypergrad", "meta.hypergrad.method=online", "train.batch_size=4",
+            "train.epochs=12", "meta.optimizer=adam", "meta.lr=0.1", "meta.every=2"]  # fmt: skip
+    cfg = _cfg(*over)
+    torch.manual_seed(0)
+    full = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    init = full.meta.values()
+    saved: dict = {}
+    summary = full.train(
+        on_epoch_end=lambda e: (
+            saved.setdefault(e, copy.deepcopy(full.state_dict())) if e == 5 else None
+        )
+    )
+    assert summary["hypergradient_steps"] == full.total_steps // 2 - 1  # the step-0 one skipped
+    assert summary["unroll"] is None and _in_range(summary["meta"])
+    assert all(abs(summary["meta"][n] - init[n]) > 1e-3 for n in init)  # λ moved
+    assert saved[5]["tangents"] is not None
+    torch.manual_seed(1)
+    resumed = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    resumed.load_state_dict(saved[5])
+    b = resumed.train()
+    for key in ("meta_raw", "test_accuracy", "best_val_accuracy", "hypergradient_steps"):
+        assert summary[key] == b[key], key
+    # without the tangents the resumed run differs: the checkpoint's tangents are what carries over
+    lost = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    lost.load_state_dict({**saved[5], "tangents": None})
+    assert lost.train()["meta_raw"] != summary["meta_raw"]
+
+
+def test_online_needs_every_step_and_the_real_optimizer():
+    with pytest.raises(ConfigError, match="method=forecast would save nothing"):
+        load_config(None, ["meta.method=forecast", "meta.hypergrad.method=online"])
+    with pytest.raises(ConfigError, match="unroll_optimizer=match"):
+        load_config(None, ["meta.hypergrad.method=online", "meta.hypergrad.unroll_optimizer=sgd"])
