@@ -13,8 +13,9 @@ One public function, :func:`hypergradient`, with three methods:
     ``torchopt`` (torchopt's functional API) and ``higher`` (higher's differentiable optimizers) — same math.
 ``forward`` (exact)
     Forward-mode differentiation (Franceschi et al. 2017): carry the tangents Z_t = d(w_t, s_t)/dλ
-    ((H, P) for H metaparameter entries) through the steps with ``torch.func.jvp`` (forward-over-reverse),
-    all H tangents batched in one ``vmap``. Memory O(H·P), independent of η; time ≈ H-batched jvp per step.
+    ((H, P) for H metaparameter entries) through the steps (:func:`tangent_step`: Hessian-vector
+    products by double backward for the gradient's tangent, a vmapped ``torch.func.jvp`` for the
+    optimizer's). Memory O(H·P), independent of η; time ≈ 1 + H/2 training steps per step.
 ``finite-difference`` (approximate, η = 1)
     DARTS-style: with v = (∂U/∂g)ᵀ ∇_w L_val(w_1) (v = -γ ∇L_val for SGD) and ε = fd_eps/‖v‖,
     ∇_λ ≈ (∇_λ L_train(w0 + ε v) - ∇_λ L_train(w0 - ε v)) / (2ε) (+ the direct term when the optimizer's
@@ -398,63 +399,17 @@ def _forward(
     opt: _optim.InnerOptimizer,
     state: Any,
 ) -> HypergradResult:
-    from torch.func import grad, jvp, vmap
-
-    mnames = list(meta)
-    # 0-dim metaparameters enter the step as shape (1,): torch.func.jvp (torch 2.14) gives
-    # ``python_float * zero_dim_float32`` a float64 tangent, which then breaks float32 models
-    # (``MetaParams.constrained`` computes exactly such products); (1,) broadcasts like a scalar.
-    m0 = tuple(v.detach().reshape(1) if v.dim() == 0 else v.detach() for v in meta.values())
-    sizes = [v.numel() for v in m0]
-    h = sum(sizes)
-    # Tangent basis of λ: row i is e_i, split and reshaped per metaparameter -> (H, *shape).
-    eye = torch.eye(h, dtype=m0[0].dtype, device=m0[0].device)
-    z_meta = tuple(blk.reshape(h, *v.shape) for blk, v in zip(torch.split(eye, sizes, dim=1), m0))
-    params = tuple(p.detach() for p in w0)
-    s_tensors = [t.detach() for t in _state_tensors(state)]
-    z_params = tuple(torch.zeros(h, *p.shape, dtype=p.dtype, device=p.device) for p in params)
-    z_state = tuple(torch.zeros(h, *t.shape, dtype=t.dtype, device=t.device) for t in s_tensors)
-
+    # Forward mode is the online recurrence from Z_0 = 0 over the η look-ahead batches.
+    params: dict[str, Tensor] = dict(zip(names, w0))
+    tangents = None
     for batch in batches:
-
-        def step(p: tuple[Tensor, ...], st: tuple[Tensor, ...], m: tuple[Tensor, ...]) -> Any:
-            md = dict(zip(mnames, m))
-
-            def loss_fn(q: tuple[Tensor, ...]) -> Tensor:
-                # (the closures run within this iteration: binding the loop variables is intended)
-                return _scalar(train_loss(dict(zip(names, q)), md, batch), "train_loss")  # noqa: B023
-
-            g = grad(loss_fn)(p)
-            new_p, new_s = opt.update_tuple(g, _replace_tensors(state, iter(st)), p, md)  # noqa: B023
-            # (a (1,)-shaped metaparameter-valued learning rate would broadcast 0-dim parameters)
-            new_p = tuple(q.reshape(r.shape) for q, r in zip(new_p, p))
-            new_st = tuple(q.reshape(r.shape) for q, r in zip(_state_tensors(new_s), st))
-            return new_p, new_st
-
-        def tangent_step(
-            zp: tuple[Tensor, ...], zs: tuple[Tensor, ...], zm: tuple[Tensor, ...]
-        ) -> Any:
-            primals = (params, tuple(s_tensors), m0)  # noqa: B023
-            out: Any = jvp(step, primals, (zp, zs, zm))
-            (p1, s1), (dp1, ds1) = out
-            return p1, s1, dp1, ds1
-
-        out_dims: Any = (None, None, 0, 0)
-        p1, s1, z_params, z_state = vmap(
-            tangent_step, in_dims=(0, 0, 0), out_dims=out_dims, randomness="same"
-        )(z_params, z_state, z_meta)
-        # The new state's structure (step counter) comes from one plain call on the primal.
-        state = _replace_tensors(_next_state_shape(opt, state, params), iter(s1))
-        params, s_tensors = tuple(p1), list(s1)
-
-    final = tuple(p.detach().requires_grad_(True) for p in params)
-    vloss = _scalar(val_loss(dict(zip(names, final)), val_batch), "val_loss")
-    gw = torch.autograd.grad(vloss, final)
-    flat = torch.zeros(h, dtype=eye.dtype, device=eye.device)
-    for zp, g in zip(z_params, gw):
-        flat = flat + zp.reshape(h, -1).to(g.dtype) @ g.reshape(-1)
-    hg = list(torch.split(flat, sizes))
-    return _finish(hg, meta, params, names, vloss, state)
+        params, state, tangents = tangent_step(
+            train_loss, params, meta, batch, opt, state, tangents
+        )
+    assert tangents is not None
+    res = tangent_hypergradient(val_loss, params, meta, val_batch, tangents)
+    res.opt_state = state
+    return res
 
 
 def _next_state_shape(opt: _optim.InnerOptimizer, state: Any, params: tuple[Tensor, ...]) -> Any:
@@ -535,7 +490,7 @@ def tangent_step(
             )
 
     w = [p.clone().requires_grad_(True) for p in p0]
-    r = [v.clone().requires_grad_(True) for v in meta.values()]
+    r = [v.detach().clone().requires_grad_(True) for v in meta.values()]
     with double_backward_batchnorm(default=True):
         loss = _scalar(train_loss(dict(zip(names, w)), dict(zip(mnames, r)), batch), "train_loss")
         gw = torch.autograd.grad(loss, w, create_graph=True)
