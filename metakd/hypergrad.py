@@ -460,8 +460,8 @@ def tangent_step(
     Z' = ∂U/∂(w, s) · (γ Z) + ∂U/∂λ with γ = ``decay`` (1: the whole history; γ < 1 forgets old steps,
     a horizon of about 1 / (1 − γ) steps), Z = 0 when ``tangents`` is None. The gradient's tangent
     dg_i = ∇_w[∇_w L · γz_i + ∂L/∂λ_i] is a Hessian-vector product by double backward (Pearlmutter; with
-    :func:`metakd.nn.double_backward_batchnorm`, about 2x cheaper than ``torch.func.jvp`` of the gradient
-    on the CIFAR student), the optimizer's part one vmapped ``jvp`` of its elementwise update. Memory
+    :func:`metakd.nn.double_backward_batchnorm`, 1.3x (SGD) to 2.2x (Adam) cheaper than ``torch.func.jvp``
+    of the gradient on the CIFAR student), the optimizer's part one vmapped ``jvp`` of its elementwise update. Memory
     O(H·P), time ≈ 1 + H/2 training steps. Returns (w', s', Z'), all detached.
     """
     from torch.func import jvp, vmap
@@ -469,7 +469,8 @@ def tangent_step(
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     names, mnames = list(params), list(meta)
-    # 0-dim metaparameters enter the optimizer's jvp as shape (1,), as in _forward (float64 tangents).
+    # 0-dim metaparameters enter the optimizer's jvp as shape (1,): torch.func.jvp (torch 2.14) gives
+    # ``python_float * zero_dim_float32`` a float64 tangent, which breaks float32 models; (1,) broadcasts.
     m0 = tuple(v.detach().reshape(1) if v.dim() == 0 else v.detach() for v in meta.values())
     sizes = [v.numel() for v in m0]
     h = sum(sizes)
