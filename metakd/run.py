@@ -352,22 +352,13 @@ def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
     vx, vy = trainer.val_batch(0)
     inner, state = optim.from_torch(trainer.optimizer, dict(model.named_parameters()))
     hc = cfg.meta.hypergrad
-    if hc.method == "online":  # tangents over the first η real steps (no decay: exactly d/dλ)
-        params, tangents = trainer.fmodel.params(), None
-        for b in batches:
-            params, state, tangents = hypergrad.tangent_step(
-                trainer.train_loss, params, trainer.meta.raw, b, inner, state, tangents
-            )
-        assert tangents is not None
-        res = hypergrad.tangent_hypergradient(
-            trainer.val_loss, params, trainer.meta.raw, (vx, vy), tangents
-        )
-    else:
-        res = hypergrad.hypergradient(
-            trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw,
-            batches, (vx, vy), optimizer=inner, opt_state=state, method=hc.method,
-            backend=hc.backend, fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
-        )  # fmt: skip
+    # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps.
+    method = "forward" if hc.method == "online" else hc.method
+    res = hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
+        (vx, vy), optimizer=inner, opt_state=state, method=method, backend=hc.backend,
+        fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
+    )  # fmt: skip
 
     model64 = copy.deepcopy(model).double().train()
     names = [k for k, _ in model64.named_parameters()]
