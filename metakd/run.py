@@ -352,7 +352,8 @@ def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
     vx, vy = trainer.val_batch(0)
     inner, state = optim.from_torch(trainer.optimizer, dict(model.named_parameters()))
     hc = cfg.meta.hypergrad
-    # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps.
+    # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps
+    # (with γ = 1: the finite differences below hold λ fixed, so online_decay is not applied).
     method = "forward" if hc.method == "online" else hc.method
     res = hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
