@@ -460,8 +460,8 @@ def tangent_step(
     Z' = ∂U/∂(w, s) · (γ Z) + ∂U/∂λ with γ = ``decay`` (1: the whole history; γ < 1 forgets old steps,
     a horizon of about 1 / (1 − γ) steps), Z = 0 when ``tangents`` is None. The gradient's tangent
     dg_i = ∇_w[∇_w L · γz_i + ∂L/∂λ_i] is a Hessian-vector product by double backward (Pearlmutter; with
-    :func:`metakd.nn.double_backward_batchnorm`, 1.3x (SGD) to 2.2x (Adam) cheaper than ``torch.func.jvp``
-    of the gradient on the CIFAR student), the optimizer's part one vmapped ``jvp`` of its elementwise update. Memory
+    :func:`metakd.nn.double_backward_batchnorm`; cheaper than ``torch.func.jvp`` of the gradient,
+    docs/benchmarks.md), the optimizer's part one vmapped ``jvp`` of its elementwise update. Memory
     O(H·P), time ≈ 1 + H/2 training steps. Returns (w', s', Z'), all detached.
     """
     from torch.func import jvp, vmap
