@@ -161,7 +161,7 @@ class HypergradConfig(_Strict):
         default="reverse",
         description="reverse | forward | finite-difference: through a look-ahead unroll of meta.unroll "
         "steps; online: forward-mode tangents carried along the real training steps (the whole "
-        "history, meta.unroll unused)",
+        "history; under meta.method=forecast only the current optimize block's; meta.unroll unused)",
     )
     backend: Literal["func", "torchopt", "higher"] = "func"
     online_decay: float = Field(
@@ -212,17 +212,11 @@ class MetaConfig(_Strict):
                 f"values has keys {sorted(unknown)} that are not metaparameters {sorted(self.params)}"
             )
         hc = self.hypergrad
-        if hc.method == "online":
-            if self.method == "forecast":
-                raise ValueError(
-                    "hypergrad.method=online carries tangents through every training step, so "
-                    "method=forecast would save nothing; use hypergrad.method=reverse or forward"
-                )
-            if hc.unroll_optimizer != "match" or hc.backend != "func":
-                raise ValueError(
-                    "hypergrad.method=online differentiates the real student optimizer: it needs "
-                    "hypergrad.unroll_optimizer=match and hypergrad.backend=func"
-                )
+        if hc.method == "online" and (hc.unroll_optimizer != "match" or hc.backend != "func"):
+            raise ValueError(
+                "hypergrad.method=online differentiates the real student optimizer: it needs "
+                "hypergrad.unroll_optimizer=match and hypergrad.backend=func"
+            )
         return self
 
 

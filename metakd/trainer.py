@@ -123,8 +123,9 @@ class Trainer:
         self.schedule = (
             ForecastSchedule(cfg.forecast, self._vec().dim) if self.method == "forecast" else None
         )
-        # Online forward mode (meta.hypergrad.method=online): Z_t = d(w_t, s_t)/d raw λ along the real steps.
-        self.online = self.method == "hypergrad" and cfg.meta.hypergrad.method == "online"
+        # Online forward mode (meta.hypergrad.method=online): Z_t = d(w_t, s_t)/d raw λ along the real steps
+        # (forecast: along the steps of the current optimize block only; dropped in predict windows).
+        self.online = self.method in _META_METHODS and cfg.meta.hypergrad.method == "online"
         self.tangents: hypergrad.Tangents | None = None
         self.step = 0
         self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
@@ -215,8 +216,9 @@ class Trainer:
 
     def meta_step(self, step: int) -> tuple[dict[str, Tensor], bool]:
         """Hypergradient over batches step..step+η-1 (online: over the steps trained so far) and one
-        meta update; (raw grads, finite). An online meta step before any training step is skipped
-        (its hypergradient is zero) and not counted."""
+        meta update; (raw grads, finite). An online meta step with no carried steps (the first step,
+        or the first of a forecast optimize block) is skipped (its hypergradient is zero) and not
+        counted."""
         grads, finite = self.hypergradient(step)
         if self.online and self.tangents is None:
             return grads, finite
@@ -248,8 +250,8 @@ class Trainer:
         Unrolls the train batches of ``train_steps`` (default step..step+η-1) from the current weights
         and inner-optimizer state, and evaluates L_val on ``val_batch`` (default the meta step's
         validation batch at ``step``). Online (``meta.hypergrad.method=online``): ⟨∇_w L_val(w), Z⟩ with
-        the tangents carried over the steps trained so far (zero before the first; ``train_steps`` must
-        be None). Returns the gradient per metaparameter (each shaped like its raw tensor) and whether it
+        the tangents carried over the steps trained so far — under ``forecast`` only those of the
+        current optimize block (zero before the first; ``train_steps`` must be None). Returns the gradient per metaparameter (each shaped like its raw tensor) and whether it
         is finite. Nothing in the trainer changes.
         """
         assert self.meta is not None
@@ -400,11 +402,18 @@ class Trainer:
         finite = False
         if phase == "optimize" and s % every == 0:
             t1 = time.perf_counter()
+            skipped = self.online and self.tangents is None
             grads, finite = self.meta_step(s)
+            if skipped:  # no meta step, so no hypergradient to log or record
+                grads, finite = None, False
             self.phase_seconds["hypergrad"] += time.perf_counter() - t1
         elif phase == "predict":
             self._forecast_step(s)
-        if self.online:
+            # Truncated online forward mode: a predict window's λ is the forecaster's, not a function
+            # of the raw λ being differentiated, so the tangents stop here and the next optimize block
+            # starts again from Z = 0 (its hypergradients see only its own steps).
+            self.tangents = None
+        if self.online and phase == "optimize":
             t1 = time.perf_counter()
             self.carry_tangents(self.batch(s))
             self.phase_seconds["hypergrad"] += time.perf_counter() - t1

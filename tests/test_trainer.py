@@ -394,38 +394,89 @@ def test_online_hypergradient_differentiates_the_steps_trained_so_far(task):
         trainer.hypergradient(k, train_steps=range(3))
 
 
-def test_online_run_trains_moves_lambda_and_resumes_identically(task):
+@pytest.mark.parametrize("method", ["hypergrad", "forecast"])
+def test_online_run_trains_moves_lambda_and_resumes_identically(task, method):
+    """Online forward mode under hypergrad (tangents over the whole run) and forecast (tangents over
+    each optimize block): λ moves, and a run resumed from a checkpoint taken inside an optimize block
+    ends bit-identical to the uninterrupted one because the checkpoint carries the tangents."""
     splits, logits = task
-    over = ["meta.method=hypergrad", "meta.hypergrad.method=online", "train.batch_size=4",
+    over = [f"meta.method={method}", "meta.hypergrad.method=online", "train.batch_size=4",
             "train.epochs=12", "meta.optimizer=adam", "meta.lr=0.1", "meta.every=2"]  # fmt: skip
     cfg = _cfg(*over)
     torch.manual_seed(0)
     full = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
     init = full.meta.values()
     saved: dict = {}
+    at = 6  # 4 steps per epoch: step 24 lies in the optimize window 20..24 (forecast.window=5)
     summary = full.train(
         on_epoch_end=lambda e: (
-            saved.setdefault(e, copy.deepcopy(full.state_dict())) if e == 5 else None
+            saved.setdefault(e, copy.deepcopy(full.state_dict())) if e == at else None
         )
     )
-    assert summary["hypergradient_steps"] == full.total_steps // 2 - 1  # the step-0 one skipped
+    meta_steps = [s for s in range(full.total_steps) if s % 2 == 0 and full.phase(s) == "optimize"]
+    # an online meta step needs a carried step of its own block: the first of each block is skipped
+    firsts = [s for s in meta_steps if s == 0 or full.phase(s - 1) != "optimize"]
+    assert summary["hypergradient_steps"] == len(meta_steps) - len(firsts)
     assert summary["unroll"] is None and _in_range(summary["meta"])
     assert all(abs(summary["meta"][n] - init[n]) > 1e-3 for n in init)  # λ moved
-    assert saved[5]["tangents"] is not None
+    assert saved[at]["tangents"] is not None
     torch.manual_seed(1)
     resumed = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
-    resumed.load_state_dict(saved[5])
+    resumed.load_state_dict(saved[at])
     b = resumed.train()
     for key in ("meta_raw", "test_accuracy", "best_val_accuracy", "hypergradient_steps"):
         assert summary[key] == b[key], key
     # without the tangents the resumed run differs: the checkpoint's tangents are what carries over
     lost = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
-    lost.load_state_dict({**saved[5], "tangents": None})
+    lost.load_state_dict({**saved[at], "tangents": None})
     assert lost.train()["meta_raw"] != summary["meta_raw"]
 
 
-def test_online_needs_every_step_and_the_real_optimizer():
-    with pytest.raises(ConfigError, match="method=forecast would save nothing"):
-        load_config(None, ["meta.method=forecast", "meta.hypergrad.method=online"])
+def test_online_forecast_differentiates_only_the_current_optimize_block(task, monkeypatch):
+    """meta.method=forecast with meta.hypergrad.method=online: tangents are carried in optimize
+    windows only and restart from zero at each optimize block, so the hypergradient inside a block
+    is dL_val(w)/dλ through that block's steps alone — the reverse-mode unroll (an independent engine)
+    of the same batches from the weights and optimizer state at the block's first step."""
+    splits, logits = task
+    cfg = _cfg(
+        "meta.method=forecast", "meta.hypergrad.method=online", "forecast.window=6",
+        "meta.every=3", "train.batch_size=5", "train.optimizer=adam", "meta.val_batch_size=6",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    carried: list[int] = []
+    real_carry = trainer.carry_tangents
+    monkeypatch.setattr(
+        trainer, "carry_tangents", lambda b: (carried.append(trainer.step), real_carry(b))
+    )
+    start = 12  # windows of 6 steps: optimize 0-5, predict 6-11, optimize 12-17
+    for s in range(start):
+        trainer._one_step(s)
+        if s >= 6:
+            assert trainer.tangents is None, s  # dropped in the predict window
+    named = dict(trainer.model.named_parameters())
+    w12 = {n: p.detach().clone() for n, p in named.items()}
+    inner, state12 = optim.from_torch(trainer.optimizer, named)
+    raw12 = {n: v.detach().clone() for n, v in trainer.meta.raw.items()}
+    for s in range(start, start + 3):  # the meta step at 12 has no carried step: skipped
+        trainer._one_step(s)
+    assert all(torch.equal(trainer.meta.raw[n], raw12[n]) for n in raw12)
+    assert carried == [*range(6), *range(start, start + 3)]
+    assert trainer.counters["hypergradient_steps"] == 1  # step 3; steps 0 and 12 skipped
+    online, finite = trainer.hypergradient(start + 3)
+    assert finite
+    ref = metakd.hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, w12, trainer.meta.raw,
+        [trainer.batch(s) for s in range(start, start + 3)], trainer.val_batch(start + 3),
+        optimizer=inner, opt_state=state12, method="reverse",
+    )  # fmt: skip
+    for n in raw12:
+        assert float(ref.grads[n].abs()) > 1e-6
+        assert online[n] == pytest.approx(float(ref.grads[n]), rel=1e-3, abs=1e-7), n
+
+
+def test_online_needs_the_real_optimizer():
+    # under forecast the online tangents are truncated to each optimize block: allowed
+    load_config(None, ["meta.method=forecast", "meta.hypergrad.method=online"])
     with pytest.raises(ConfigError, match="unroll_optimizer=match"):
         load_config(None, ["meta.hypergrad.method=online", "meta.hypergrad.unroll_optimizer=sgd"])
