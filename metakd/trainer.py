@@ -251,8 +251,9 @@ class Trainer:
         and inner-optimizer state, and evaluates L_val on ``val_batch`` (default the meta step's
         validation batch at ``step``). Online (``meta.hypergrad.method=online``): ⟨∇_w L_val(w), Z⟩ with
         the tangents carried over the steps trained so far — under ``forecast`` only those of the
-        current optimize block (zero before the first; ``train_steps`` must be None). Returns the gradient per metaparameter (each shaped like its raw tensor) and whether it
-        is finite. Nothing in the trainer changes.
+        current optimize block (zero before the first; ``train_steps`` must be None). Returns the
+        gradient per metaparameter (each shaped like its raw tensor) and whether it is finite.
+        Nothing in the trainer changes.
         """
         assert self.meta is not None
         hc = self.cfg.meta.hypergrad
