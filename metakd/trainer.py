@@ -214,14 +214,14 @@ class Trainer:
             return self.schedule.phase(step)
         return "optimize" if self.method == "hypergrad" else "train"
 
-    def meta_step(self, step: int) -> tuple[dict[str, Tensor], bool]:
+    def meta_step(self, step: int) -> tuple[dict[str, Tensor] | None, bool]:
         """Hypergradient over batches step..step+η-1 (online: over the steps trained so far) and one
         meta update; (raw grads, finite). An online meta step with no carried steps (the first step,
-        or the first of a forecast optimize block) is skipped (its hypergradient is zero) and not
-        counted."""
-        grads, finite = self.hypergradient(step)
+        or the first of a forecast optimize block) is skipped — its hypergradient would be zero — and
+        not counted: (None, False)."""
         if self.online and self.tangents is None:
-            return grads, finite
+            return None, False
+        grads, finite = self.hypergradient(step)
         self.counters["hypergradient_steps"] += 1
         if finite:
             self.apply_meta_grad(grads)
@@ -403,10 +403,7 @@ class Trainer:
         finite = False
         if phase == "optimize" and s % every == 0:
             t1 = time.perf_counter()
-            skipped = self.online and self.tangents is None
             grads, finite = self.meta_step(s)
-            if skipped:  # no meta step, so no hypergradient to log or record
-                grads, finite = None, False
             self.phase_seconds["hypergrad"] += time.perf_counter() - t1
         elif phase == "predict":
             self._forecast_step(s)
