@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def _rows(spec: str) -> tuple[str, list[dict[str, str]]]:
-    label, _, sources = spec.partition("=")
+    label, _, sources = spec.rpartition("=")  # labels may hold "=", report paths do not
     if not sources:
         raise SystemExit(f"expected LABEL=REPORT:METHOD[,REPORT:METHOD ...], got {spec!r}")
     rows: list[dict[str, str]] = []
