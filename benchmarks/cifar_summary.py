@@ -16,6 +16,8 @@ import statistics as st
 import sys
 from pathlib import Path
 
+from cifar_table import lambda_mean, mean_std, per_seed  # the sibling script: same cells
+
 
 def _rows(spec: str) -> tuple[str, list[dict[str, str]]]:
     label, _, sources = spec.rpartition("=")  # labels may hold "=", report paths do not
@@ -38,10 +40,6 @@ def _rows(spec: str) -> tuple[str, list[dict[str, str]]]:
     return label, sorted(rows, key=lambda r: int(r["seed"]))
 
 
-def _ms(xs: list[float]) -> str:
-    return f"{st.mean(xs):.4f} ± {st.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
-
-
 def main(specs: list[str]) -> None:
     print(
         "| row | seeds | final test acc | per seed | best test acc | final λ (mean) | hypergradient steps |"
@@ -50,18 +48,14 @@ def main(specs: list[str]) -> None:
     for label, rows in map(_rows, specs):
         acc = [float(r["test_accuracy"]) for r in rows]
         best = [float(r["best_test_accuracy"]) for r in rows]
-        per_seed = ", ".join(f"{r['seed']}: {a:.4f}" for r, a in zip(rows, acc, strict=True))
-        lam = {
-            k: st.mean(float(r[f"meta_{k}"]) for r in rows)
-            for k in ("beta1", "beta2", "temperature")
-        }
+        metas = [
+            {k: float(r[f"meta_{k}"]) for k in ("beta1", "beta2", "temperature")} for r in rows
+        ]
         no_meta = all(r["meta_method"] == "baseline" for r in rows)
-        lam_s = "—" if no_meta else (
-            f"β1 {lam['beta1']:.3f}, β2 {lam['beta2']:.3f}, T {lam['temperature']:.2f}"
-        )  # fmt: skip
         steps = st.mean(float(r["hypergradient_steps"]) for r in rows)
         print(
-            f"| {label} | {len(rows)} | {_ms(acc)} | {per_seed} | {st.mean(best):.4f} | {lam_s} "
+            f"| {label} | {len(rows)} | {mean_std(acc)} | {per_seed([r['seed'] for r in rows], acc)} "
+            f"| {st.mean(best):.4f} | {lambda_mean(None if no_meta else metas)} "
             f"| {steps:.0f} |"
         )
 
