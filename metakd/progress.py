@@ -134,6 +134,13 @@ class ProgressCallback(Callback):
     def enabled(self) -> bool:
         return not self.quiet
 
+    def teacher_progress(self, epochs: int) -> TeacherProgress | None:
+        """A bar over an in-process teacher's epochs (plain lines while an experiment's bars are
+        shown: one live display at a time)."""
+        if not self.enabled:
+            return None
+        return TeacherProgress(epochs, console=self.console, plain=self._progress is not None)
+
     def on_run_start(self, cfg: Config, run_dir: Path | None, info: Mapping[str, Any]) -> None:
         """Create the bar once the total number of steps is known."""
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -301,18 +308,27 @@ class ExperimentProgress(_LiveBar):
 
 class TeacherProgress(_LiveBar):
     """``progress(epoch, row)`` callback of :func:`metakd.teacher.train_teacher`: a bar over the
-    teacher's epochs with its loss and test accuracy. Use as a context manager."""
+    teacher's epochs with its loss and test accuracy. Use as a context manager. Without a terminal
+    (or ``plain=True``) it prints a line on each of the teacher's ~20 evaluation epochs instead."""
 
-    def __init__(self, epochs: int, quiet: bool = False, *, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        epochs: int,
+        quiet: bool = False,
+        *,
+        console: Console | None = None,
+        plain: bool = False,
+    ) -> None:
         self.epochs = epochs
         self.quiet = quiet
+        self.plain = plain
         self.console = console if console is not None else stderr_console()
         self.last: dict[str, Any] = {}
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
     def __enter__(self) -> TeacherProgress:
-        if not self.quiet and self.console.is_terminal:
+        if not self.quiet and not self.plain and self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]teacher"),
                 BarColumn(bar_width=24),
@@ -328,19 +344,19 @@ class TeacherProgress(_LiveBar):
         return self
 
     def __call__(self, epoch: int, row: dict[str, Any]) -> None:
-        """One teacher epoch finished (``row``: loss, and test accuracy on evaluation epochs)."""
+        """0-based teacher ``epoch`` finished (``row``: loss, and test accuracy on evaluation epochs)."""
         self.last.update(row)
         if self._progress is not None and self._task is not None:
             loss = self.last.get("loss")
             self._progress.update(
                 self._task,
-                completed=epoch,
+                completed=epoch + 1,
                 loss=f"{loss:.4f}" if isinstance(loss, float) else "-",
                 test=_acc(self.last.get("test_accuracy")),
             )
         elif not self.quiet and "test_accuracy" in row:
             self.console.print(
-                f"teacher: epoch {epoch}/{self.epochs} loss {row.get('loss', float('nan')):.4f} "
+                f"teacher: epoch {epoch + 1}/{self.epochs} loss {row.get('loss', float('nan')):.4f} "
                 f"test {_acc(row['test_accuracy'])}",
                 highlight=False,
                 soft_wrap=True,

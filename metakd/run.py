@@ -13,6 +13,7 @@ objective L_val(U^η(w0, λ(r))) computed by an independent float64 unroll.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +146,28 @@ class _MetricsWriter(Callback):
         self.rundir.append_metrics(row)
 
 
+def _teacher_progress(callbacks: Sequence[Callback]) -> teacher.ProgressFactory:
+    """The first display a callback offers for an in-process teacher's training (else none)."""
+
+    def factory(epochs: int) -> AbstractContextManager[teacher.Progress | None]:
+        for cb in callbacks:
+            bar = cb.teacher_progress(epochs)
+            if bar is not None:
+                return bar
+        return contextlib.nullcontext()
+
+    return factory
+
+
 def _build(
-    cfg: Config, device: torch.device
+    cfg: Config, device: torch.device, callbacks: Sequence[Callback] = ()
 ) -> tuple[Any, dict[str, Tensor] | None, torch.nn.Module]:
     """(splits, teacher logits or None for baseline, seeded student on ``device``)."""
     seed_everything(cfg.seed)
     splits = data.load_data(cfg.data, cfg.seed, device)
-    logits = None if cfg.meta.method == "baseline" else teacher.teacher_logits(cfg, splits, device)
+    logits = None
+    if cfg.meta.method != "baseline":
+        logits = teacher.teacher_logits(cfg, splits, device, progress=_teacher_progress(callbacks))
     torch.manual_seed(cfg.seed)  # the same initial student for every method of a seed
     shape = tuple(int(s) for s in splits.train.x.shape[1:])
     model = models.build_model(cfg.student, shape, splits.num_classes).to(device)
@@ -243,7 +260,7 @@ def _train(
         for p in rd.checkpoints():
             p.unlink()
         rd.summary_path.unlink(missing_ok=True)
-    splits, logits, model = _build(cfg, device)
+    splits, logits, model = _build(cfg, device, callbacks)
     trainer = Trainer(
         cfg, model, splits, logits, device=device, callbacks=[_MetricsWriter(rd), *callbacks]
     )

@@ -9,7 +9,9 @@ them on disk under ``cfg.data.cache_dir``, keyed by
   in-process with :func:`train_teacher`, as the paper's synthetic experiment does), and
 * ``splits.info["fingerprint"]`` (the exact data).
 
-A cache hit loads the tensors and never builds or runs the teacher.
+A cache hit loads the tensors and never builds or runs the teacher; either way one log line says which
+(``metakd.teacher`` logger: the cache file, the teacher's source and the data fingerprint), and an
+in-process teacher's training reports each epoch to the ``progress`` factory (a bar on the CLI).
 
 Checkpoints (:func:`save_teacher`) hold only plain containers and tensors — the state dict, the teacher's
 ``ModelConfig`` as a dict, the input shape, the number of classes, the metrics, the full config and the
@@ -18,11 +20,14 @@ data fingerprints — so ``torch.load(path, weights_only=True)`` reads them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from metakd.rundir import atomic_torch_save
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "ProgressFactory",
     "evaluate",
     "load_teacher",
     "predict_logits",
@@ -49,6 +55,11 @@ CHECKPOINT_FORMAT = "metakd-teacher/1"
 _LOGITS_FORMAT = "metakd-teacher-logits/1"
 _EVAL_BATCH = 1024
 Progress = Callable[[int, dict[str, Any]], None]
+#: ``factory(epochs)`` -> a context manager giving the :data:`Progress` callback of one teacher training
+#: (e.g. :class:`metakd.progress.TeacherProgress`), or None for no progress.
+ProgressFactory = Callable[[int], AbstractContextManager[Progress | None]]
+
+log = logging.getLogger(__name__)
 
 
 def _sha256_json(*parts: Any) -> str:
@@ -278,7 +289,8 @@ def _check_compatible(path: Path, info: dict[str, Any], splits: Splits) -> None:
         )
 
 
-def _logits_cache_path(cfg: Config, splits: Splits) -> Path:
+def _logits_cache_path(cfg: Config, splits: Splits) -> tuple[Path, str]:
+    """The cache file of this teacher's logits on this data, and a short description of the key."""
     fingerprint = splits.info.get("fingerprint")
     if not isinstance(fingerprint, str):
         raise ValueError(
@@ -288,13 +300,19 @@ def _logits_cache_path(cfg: Config, splits: Splits) -> Path:
         ckpt = Path(cfg.teacher.checkpoint)
         if not ckpt.is_file():
             _read_checkpoint(ckpt)  # raises the clear FileNotFoundError
-        source = f"checkpoint:{_file_sha256(ckpt)}"
+        digest = _file_sha256(ckpt)
+        source = f"checkpoint:{digest}"
+        what = f"teacher checkpoint {str(ckpt)!r} (sha256 {digest[:12]})"
     else:
-        source = "in-process:" + _sha256_json(
-            config_to_dict(cfg.teacher), fingerprint, cfg.data.augment, cfg.seed
+        digest = _sha256_json(config_to_dict(cfg.teacher), fingerprint, cfg.data.augment, cfg.seed)
+        source = "in-process:" + digest
+        what = (
+            f"in-process teacher {cfg.teacher.model.name} ({cfg.teacher.epochs} epochs, "
+            f"seed {cfg.seed}, teacher config {digest[:12]})"
         )
     key = _sha256_json(source, fingerprint)
-    return Path(cfg.data.cache_dir) / f"teacher-logits-{key[:24]}.pt"
+    path = Path(cfg.data.cache_dir) / f"teacher-logits-{key[:24]}.pt"
+    return path, f"{what} on data {fingerprint[:12]}"
 
 
 def _load_cached(path: Path, splits: Splits) -> dict[str, Tensor] | None:
@@ -318,21 +336,40 @@ def _load_cached(path: Path, splits: Splits) -> dict[str, Tensor] | None:
     return logits
 
 
-def teacher_logits(cfg: Config, splits: Splits, device: torch.device | str) -> dict[str, Tensor]:
+def teacher_logits(
+    cfg: Config,
+    splits: Splits,
+    device: torch.device | str,
+    *,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Tensor]:
     """Teacher logits f(x) for the student's splits: {"train", "val", "test"} → (N, K) float32 on
     ``device``, computed once (teacher in eval mode) and cached on disk; see the module docstring for
     the cache key. The teacher comes from ``teacher.checkpoint`` or, when that is None, is trained
-    in-process with :func:`train_teacher` on ``splits.teacher``."""
+    in-process with :func:`train_teacher` on ``splits.teacher``, reporting to ``progress(epochs)``."""
     dev = torch.device(device)
-    path = _logits_cache_path(cfg, splits)
+    path, what = _logits_cache_path(cfg, splits)
     logits = _load_cached(path, splits)
-    if logits is None:
+    if logits is not None:
+        log.info("teacher logits: cached %s for the %s; not recomputed", path, what)
+    else:
         if cfg.teacher.checkpoint is not None:
             ckpt = Path(cfg.teacher.checkpoint)
             model, info = load_teacher(ckpt, dev)
             _check_compatible(ckpt, info, splits)
         else:
-            model, _ = train_teacher(cfg, splits, dev)
+            log.info(
+                "teacher: training the %s on %d examples; its logits are cached in %s for later "
+                "runs with this teacher config, seed and data",
+                what, len(splits.teacher), path,
+            )  # fmt: skip
+            bar = progress(cfg.teacher.epochs) if progress is not None else contextlib.nullcontext()
+            with bar as callback:
+                model, metrics = train_teacher(cfg, splits, dev, progress=callback)
+            log.info(
+                "teacher: trained in %.1f s (%d steps), test accuracy %.4f",
+                metrics["wall_seconds"], metrics["steps"], metrics["test_accuracy"],
+            )  # fmt: skip
         logits = {
             name: predict_logits(model, split.x_teacher.to(dev)).cpu()
             for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,13 @@ class Callback:
     :func:`metakd.run.train_run` calls ``on_run_start``/``on_run_end``. The :class:`Trainer` hands
     each metrics row to exactly one hook: ``on_eval`` for rows with evaluations, ``on_step`` otherwise.
     """
+
+    def teacher_progress(
+        self, epochs: int
+    ) -> AbstractContextManager[Callable[[int, dict[str, Any]], None] | None] | None:
+        """A context giving the ``progress(epoch, row)`` callback of an in-process teacher's training
+        (:func:`metakd.teacher.train_teacher`, ``epochs`` long) before the run starts; None: no display."""
+        return None
 
     def on_run_start(self, cfg: Config, run_dir: Path | None, info: Mapping[str, Any]) -> None:
         """Before the first step (``info``: data info, device, steps per epoch, resumed step)."""

@@ -418,6 +418,16 @@ def test_tiny_real_train(tmp_path, monkeypatch):
     assert f"Run directory: {out}" in result.stdout
     assert f"test accuracy        {summary['test_accuracy']:.4f}" in result.stdout
     assert "step 50/50" in result.stderr  # progress on stderr, plain lines when not a terminal
+    # the in-process teacher says it trains, shows its epochs, and is not retrained by the next run
+    assert "teacher: training the in-process teacher logreg (50 epochs" in result.stderr
+    assert "teacher: epoch 50/50" in result.stderr
+    again = invoke(
+        "train", "train.epochs=5", "teacher.epochs=50", "wandb.mode=disabled",
+        "data.cache_dir=cache", "--device", "cpu", "--out", tmp_path / "again",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "teacher logits: cached" in again.stderr and "not recomputed" in again.stderr
+    assert "teacher: training" not in again.stderr and "teacher: epoch" not in again.stderr
     # the resolved config in the run directory reloads to the same config
     assert load_config(out / "config.yaml") == load_config(
         None, ["train.epochs=50", "teacher.epochs=50", "train.eval_every=10",

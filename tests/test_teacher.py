@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,33 @@ def test_in_process_teacher_logits_cache(tmp_path: Path, monkeypatch: pytest.Mon
     cfg.teacher.lr = 0.01
     teacher_logits(cfg, splits, "cpu")
     assert trainer.n == 3
+
+
+def test_in_process_teacher_reports_progress_and_cache_hits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _config(tmp_path, epochs=40)
+    splits = load_data(cfg.data, 0, "cpu")
+    rows: list[int] = []
+    asked: list[int] = []
+
+    @contextlib.contextmanager
+    def progress(epochs: int) -> Iterator[Callable[[int, dict[str, Any]], None]]:
+        asked.append(epochs)
+        yield lambda epoch, row: rows.append(epoch)
+
+    with caplog.at_level(logging.INFO, logger="metakd.teacher"):
+        first = teacher_logits(cfg, splits, "cpu", progress=progress)
+    assert asked == [40] and rows == list(range(40))
+    fingerprint = splits.info["fingerprint"][:12]
+    assert "training the in-process teacher logreg (40 epochs, seed 0" in caplog.text
+    assert f"on data {fingerprint}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="metakd.teacher"):
+        hit = teacher_logits(cfg, splits, "cpu", progress=progress)
+    assert asked == [40]  # a hit trains nothing and shows no bar
+    assert "teacher logits: cached" in caplog.text and "not recomputed" in caplog.text
+    assert all(torch.equal(hit[k], first[k]) for k in first)
 
 
 def test_checkpoint_teacher_logits_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -211,6 +211,22 @@ def test_experiment_progress_counts_runs(tmp_path):
     assert bar.done == 2 and "runs done: 2/2" in buf.getvalue()
 
 
+def test_in_process_teacher_progress():
+    assert ProgressCallback(quiet=True).teacher_progress(10) is None
+    console, buf = _console(True)
+    with ProgressCallback(console=console).teacher_progress(10) as bar:  # a bar of its own
+        for epoch in range(10):
+            bar(epoch, {"loss": 0.5, "test_accuracy": 0.75})
+    assert "10/10" in buf.getvalue() and "0.750" in buf.getvalue()
+    console, buf = _console(True)
+    with ExperimentProgress(1, console=console) as exp:  # beside the experiment's bars: lines
+        teacher_bar = exp.run_callback(5).teacher_progress(4)
+        assert teacher_bar is not None and teacher_bar.plain
+        with teacher_bar as bar:
+            bar(3, {"loss": 0.25, "test_accuracy": 0.5})
+    assert "teacher: epoch 4/4 loss 0.2500 test 0.500" in buf.getvalue()
+
+
 def test_estimates_and_formatting():
     cfg = load_config(None, ["data.n_train=1000", "train.batch_size=128", "train.epochs=3"])
     assert estimate_total_steps(cfg) == 3 * 8
