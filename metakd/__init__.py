@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from metakd import losses, metaparams, optim
 from metakd.hypergrad import HypergradResult, hypergradient
+from metakd.implicit import ImplicitResult, ImplicitSolver, implicit_hypergradient
 from metakd.losses import cross_entropy, distillation_loss
 from metakd.metaparams import MetaParams
 from metakd.nn import FunctionalModel
@@ -18,11 +19,14 @@ __version__ = "0.1.0"
 __all__ = [
     "FunctionalModel",
     "HypergradResult",
+    "ImplicitResult",
+    "ImplicitSolver",
     "MetaParams",
     "__version__",
     "cross_entropy",
     "distillation_loss",
     "hypergradient",
+    "implicit_hypergradient",
     "losses",
     "metaparams",
     "optim",

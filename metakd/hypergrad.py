@@ -1,6 +1,6 @@
 """Hypergradients ∇_λ L_val(U^η(w0, λ)) (eqs. 8–11) through η unrolled inner optimizer steps.
 
-One public function, :func:`hypergradient`, with three methods:
+One public function, :func:`hypergradient`, with four methods:
 
 ``reverse`` (exact)
     Unroll w_{t+1}, s_{t+1} = U(w_t, s_t, ∇_w L_train(w_t, λ; B_t), λ) keeping the graph, then one
@@ -21,6 +21,10 @@ One public function, :func:`hypergradient`, with three methods:
     ∇_λ ≈ (∇_λ L_train(w0 + ε v) - ∇_λ L_train(w0 - ε v)) / (2ε) (+ the direct term when the optimizer's
     hyperparameters are metaparameters). Error O(ε²). (The reference code divided by 2 and multiplied
     by ε — ``(p-n)/2.*eps`` — which is off by ε².)
+
+``implicit`` (exact at a stationary point of L_train)
+    The implicit function theorem, -∇²_{λw}L_train · [∇²_w L_train]⁻¹ ∇_w L_val, by CG or a Neumann
+    series: :mod:`metakd.implicit` (dispatched from here; ``train_batches`` define L_train, no unroll).
 
 Greedy one-step (Luketina et al.) is ``method="reverse"`` with η = 1.
 
@@ -57,7 +61,7 @@ __all__ = [
 TrainLoss = Callable[[dict[str, Tensor], dict[str, Tensor], Any], Tensor]
 ValLoss = Callable[[dict[str, Tensor], Any], Tensor]
 
-METHODS = ("reverse", "forward", "finite-difference")
+METHODS = ("reverse", "forward", "finite-difference", "implicit")
 BACKENDS = ("func", "torchopt", "higher")
 _SUPPORTED = {
     ("reverse", "func"),
@@ -65,6 +69,7 @@ _SUPPORTED = {
     ("reverse", "higher"),
     ("forward", "func"),
     ("finite-difference", "func"),
+    ("implicit", "func"),
 }
 
 
@@ -631,6 +636,7 @@ def hypergradient(
     opt_state: Any = None,
     fd_eps: float = 0.01,
     checkpoint: bool = False,
+    implicit: Any = None,
 ) -> HypergradResult:
     """dL_val(U^η(w0, λ))/dλ for η = ``len(train_batches)`` inner steps (eqs. 8–11).
 
@@ -642,11 +648,14 @@ def hypergradient(
         train_batches: η batches, one per inner step (any objects your losses unpack).
         val_batch: the batch L_val is evaluated on at w_η.
         optimizer: the inner optimizer U (default ``metakd.optim.sgd(lr=0.1)``).
-        method: ``"reverse"`` | ``"forward"`` | ``"finite-difference"`` (see the module docstring).
+        method: ``"reverse"`` | ``"forward"`` | ``"finite-difference"`` (see the module docstring) |
+            ``"implicit"`` (implicit function theorem at a stationary point: :mod:`metakd.implicit`).
         backend: ``"func"`` | ``"torchopt"`` | ``"higher"`` (reverse mode only for the latter two).
         opt_state: the optimizer state at w0 (e.g. from :func:`metakd.optim.from_torch`); default fresh.
         fd_eps: finite-difference step scale, ε = fd_eps / ‖v‖.
         checkpoint: reverse/func only: recompute steps instead of storing their activations.
+        implicit: ``method="implicit"`` only: a :class:`metakd.implicit.ImplicitSolver` (default CG,
+            20 iterations); the result is then an :class:`metakd.implicit.ImplicitResult`.
 
     Returns:
         :class:`HypergradResult` (``grads``, ``params`` = w_η, ``val_loss``, ``finite``).
@@ -664,6 +673,23 @@ def hypergradient(
     meta_d = dict(meta)
     state = opt.init_tuple(w0) if opt_state is None else opt_state
     batches = list(train_batches)
+    if method == "implicit":
+        # IFT at a stationary point of the mean loss over train_batches: metakd/implicit.py.
+        from metakd.implicit import implicit_hypergradient
+
+        return implicit_hypergradient(
+            train_loss,
+            val_loss,
+            params,
+            meta,
+            batches,
+            val_batch,
+            opt,
+            settings=implicit,
+            opt_state=opt_state,
+        )
+    if implicit is not None:
+        raise ValueError("implicit=... settings are for method='implicit' only")
     if method == "forward":
         return _forward(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)
     if method == "finite-difference":
