@@ -5,7 +5,8 @@ metaparameter values of the last optimize window and extrapolating it over the n
 A forecaster is any object with ``fit(steps[n], values[n, d]) -> self`` and
 ``predict(steps[m]) -> values[m, d]`` (:class:`Forecaster`); built-ins are ``linear``,
 ``spline``, ``poly``, ``last``, ``ema`` and ``sklearn``. Others enter by :func:`register`, the
-entry-point group ``metakd.forecasters`` or a ``"package.module:ClassName"`` path (:func:`get`).
+entry-point group ``metakd.forecasters`` or a ``"package.module:ClassName"`` path (:func:`get`;
+the class is checked for ``fit``/``predict`` before it is built, :mod:`metakd.plugins`).
 
 Built-ins fit in float64 on the CPU (the systems are tiny: n ≤ a few thousand points, ≤ 12
 unknowns per column), so results do not depend on the device, and return predictions with the
@@ -14,7 +15,6 @@ dtype and device of the fitted values. Nothing is differentiated through a forec
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -22,6 +22,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import torch
 from torch import Tensor
+
+from metakd import plugins
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -159,27 +161,13 @@ def available() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def _import(path: str) -> Any:
-    """``package.module:Attr`` (or ``package.module.Attr``) -> the object."""
-    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module or not attr:
-        raise ValueError(f"{path!r} is not an import path; write 'package.module:ClassName'")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import {path!r}: {exc}; check the module and the name") from None
-    return obj
-
-
 def get(spec: str, **kwargs: Any) -> Forecaster:
     """Build a forecaster from a registered name, an entry point of group ``metakd.forecasters``
     or a ``"package.module:ClassName"`` import path, passing ``kwargs`` to its constructor."""
     if spec in _REGISTRY:
         factory = _REGISTRY[spec][0]
     elif ":" in spec:
-        factory = _import(spec)
+        factory = plugins.load_forecaster(spec)  # kind checked before anything is called
     else:
         eps = [ep for ep in _entry_points() if ep.name == spec]
         if not eps:
@@ -361,7 +349,7 @@ class SklearnForecaster(_Base):
         from sklearn.base import clone
 
         if isinstance(estimator, str):
-            cls = _import(estimator)
+            cls = plugins.load_estimator(estimator)
             est = cls(**kwargs)
         else:
             est = clone(estimator).set_params(**kwargs)

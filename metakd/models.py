@@ -2,8 +2,9 @@
 
 ``build_model(ModelConfig(name="cifar_tiny"), (3, 32, 32), 10)`` looks ``name`` up in the registry and
 calls the builder with the input shape, the number of classes and ``kwargs``. A name of the form
-``"package.module:ClassName"`` imports any ``torch.nn.Module`` instead (``num_classes`` is passed only
-when its constructor has such a parameter). New models join with ``@register_model("name")``.
+``"package.module:ClassName"`` imports a ``torch.nn.Module`` subclass (or a function annotated to
+return one) instead, checked before it is called (:func:`metakd.plugins.load_model`; the working
+directory is importable); ``num_classes`` is passed only when its signature has such a parameter. New models join with ``@register_model("name")``.
 
 Registered: ``logreg`` (the synthetic task's student and teacher, Linear(in, K)), ``mlp``,
 ``cifar_very_tiny`` (the paper's CIFAR student), ``cifar_tiny`` (its teacher) and ``resnet18``
@@ -12,7 +13,6 @@ Registered: ``logreg`` (the synthetic task's student and teacher, Linear(in, K))
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metakd.config import ConfigError, ModelConfig
+from metakd.plugins import load_model
 
 __all__ = ["ConvNet", "available_models", "build_model", "register_model"]
 
@@ -172,24 +173,6 @@ def _resnet18(input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn
     return model
 
 
-def _import(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(
-            f"model {path!r}: an import path must look like 'package.module:ClassName'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model {path!r}: cannot import module {module_name!r} ({exc})") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"model {path!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def _call(
     builder: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -208,7 +191,7 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
     to logits (N, num_classes), on the CPU in float32."""
     shape = tuple(int(s) for s in input_shape)
     if ":" in cfg.name:
-        cls = _import(cfg.name)
+        cls = load_model(cfg.name)  # kind checked before anything is called
         kwargs = dict(cfg.kwargs)
         try:
             params = inspect.signature(cls).parameters

@@ -32,12 +32,13 @@ from torch import Tensor
 from torch.func import functional_call
 
 import metakd
-from metakd import data, hypergrad, losses, models, optim, teacher
+from metakd import data, hypergrad, losses, models, optim, plugins, teacher
 from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
 from metakd.trainer import Callback, Trainer
 
 __all__ = [
+    "check_components",
     "check_grad",
     "default_run_dir",
     "get_rng_state",
@@ -174,6 +175,20 @@ def _build(
     return splits, logits, model
 
 
+def check_components(cfg: Config) -> None:
+    """Resolve the config's import paths (``student.name``, ``teacher.model.name``,
+    ``forecast.forecaster``) and check their kind before a run directory is created or a teacher
+    trained; nothing found is called (:mod:`metakd.plugins`). Raises ``ConfigError``."""
+    models_ = [("student.name", cfg.student.name)]
+    if cfg.meta.method != "baseline":
+        models_.append(("teacher.model.name", cfg.teacher.model.name))
+    for key, name in models_:
+        if ":" in name:
+            plugins.load_model(name, kind=key)
+    if cfg.meta.method == "forecast" and ":" in cfg.forecast.forecaster:
+        plugins.load_forecaster(cfg.forecast.forecaster, kind="forecast.forecaster")
+
+
 def load_trainer(
     run_dir: str | Path, epoch: int | None = None, *, device: str | torch.device = "cpu"
 ) -> Trainer:
@@ -241,6 +256,7 @@ def train_run(
         raise FileNotFoundError(
             f"cannot resume: {str(path)!r} holds no run (no config.yaml); drop --resume to start one"
         )
+    check_components(cfg)
     rd = RunDir(path)
     rd.write_config(cfg, resume=resume)
     with rd.attach_log():

@@ -170,9 +170,9 @@ def test_sklearn_adapter_round_trips_paths_and_instances() -> None:
 
 
 def test_sklearn_adapter_rejects_non_regressors() -> None:
-    with pytest.raises(ValueError, match="no fit/predict"):
+    with pytest.raises(ValueError, match="not a scikit-learn estimator class"):
         SklearnForecaster("collections.OrderedDict")
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ValueError, match="has no attribute 'NoSuchModel'"):
         SklearnForecaster("sklearn.linear_model.NoSuchModel")
 
 
@@ -279,9 +279,9 @@ def test_import_path_builds_a_user_class_with_kwargs(monkeypatch: pytest.MonkeyP
     )
     with pytest.raises(ValueError, match="rejects kwargs"):
         get("plugins.my_forecaster:MeanForecaster", bogus=1)
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         get("plugins.my_forecaster:Missing")
-    with pytest.raises(ValueError, match="lacks fit/predict"):
+    with pytest.raises(ValueError, match="OrderedDict, not a class with fit/predict"):
         get("collections:OrderedDict")
 
 
