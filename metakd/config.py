@@ -157,11 +157,12 @@ class TrainConfig(_Strict):
 
 
 class HypergradConfig(_Strict):
-    method: Literal["reverse", "forward", "finite-difference", "online"] = Field(
+    method: str = Field(
         default="reverse",
         description="reverse | forward | finite-difference: through a look-ahead unroll of meta.unroll "
         "steps; online: forward-mode tangents carried along the real training steps (the whole "
-        "history; under meta.method=forecast only the current optimize block's; meta.unroll unused)",
+        "history; under meta.method=forecast only the current optimize block's; meta.unroll unused); "
+        "any key of metakd.methods.available() or a 'package.module:ClassName' path",
     )
     backend: Literal["func", "torchopt", "higher"] = "func"
     online_decay: float = Field(
@@ -180,6 +181,13 @@ class HypergradConfig(_Strict):
     unroll_lr: float | None = Field(
         default=None, gt=0, description="learning rate of the sgd surrogate; None: train.lr"
     )
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from metakd.methods import registry  # imported here: metakd.methods imports this module
+
+        return registry.check_name(v)
 
 
 class MetaConfig(_Strict):

@@ -1,15 +1,22 @@
 """The bilevel meta-trainer (PAPER.md eq. 11 and the "Forecast" schedule).
 
 Real steps train the student on D_train with the distillation loss L_train(w, λ) (eq. 4) and a
-real torch optimizer. Every ``meta.every`` steps a *meta step* first computes the hypergradient
-∇_r L_val(U^η(w, λ(r))) over the next η train batches — the very batches the following real steps
-consume (for η = 1: the DARTS order: hypergradient on the current batch, meta update, then the
-real step with the new λ) — starting from the real parameters and the real optimizer state, then
-clips it and steps the metaparameter optimizer on the raw values r. Methods:
+real torch optimizer. Meta steps compute a hypergradient dL_val/d raw λ, clip it and step the
+metaparameter optimizer on the raw values r. *When* meta steps happen and *how* the hypergradient
+is obtained are the two seams of :mod:`metakd.methods`, so this loop has no per-method branch:
 
-* ``baseline``: plain cross-entropy (β1 = 1, β2 = 0), no teacher term;
-* ``fixed``: λ = ``meta.values`` (or each spec's ``init``); ``random``: raw λ ~ U(init_range) once;
-* ``hypergrad``: meta steps throughout; ``forecast``: the window schedule of :mod:`metakd.schedule`.
+* ``meta.method`` → a :class:`~metakd.methods.MetaSchedule`: ``baseline`` (plain cross-entropy,
+  β1 = 1, β2 = 0), ``fixed`` (λ = ``meta.values`` or each spec's ``init``), ``random`` (raw
+  λ ~ U(init_range) once) take none; ``hypergrad`` one every ``meta.every`` steps; ``forecast``
+  the window schedule of :mod:`metakd.methods.forecast`;
+* ``meta.hypergrad.method`` → a :class:`~metakd.methods.HypergradMethod`: a look-ahead unroll over
+  the next η train batches — the very batches the following real steps consume (η = 1: the DARTS
+  order) — from the real weights and optimizer state (reverse / forward / finite-difference), or
+  forward-mode tangents carried along the real steps (online).
+
+Each real step s: ``schedule.before_real_step(s)`` (the meta step due there), the real step
+(``schedule.real_step`` may take it itself, else :meth:`Trainer.plain_real_step`),
+``schedule.after_real_step(s, ...)`` (forecast bookkeeping), then evaluation and the metrics row.
 
 Batches are pure functions of (seed, step): epoch e uses the permutation drawn by a generator seeded
 with (seed, e), so a checkpoint needs no batch-stream state and a resumed run sees the same batches.
@@ -21,20 +28,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from metakd import hypergrad, losses, optim
+from metakd import losses, optim
 from metakd.batches import Batch, BatchStream, derive_seed
 from metakd.config import Config, ConfigError, TrainConfig
 from metakd.metaparams import MetaParams
+from metakd.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.nn import FunctionalModel
-from metakd.schedule import ForecastSchedule, MetaVector, plain
+from metakd.schedule import MetaVector, plain
 
 if TYPE_CHECKING:
     from metakd.data import Splits
@@ -44,7 +52,6 @@ __all__ = ["DISTILLATION_NAMES", "Callback", "Trainer"]
 log = logging.getLogger(__name__)
 
 DISTILLATION_NAMES = ("beta1", "beta2", "temperature")
-_META_METHODS = ("hypergrad", "forecast")
 _EVAL_CHUNK = 2048
 
 
@@ -126,18 +133,13 @@ class Trainer:
         self.fmodel = FunctionalModel(model)
         self.optimizer = _torch_optimizer(cfg.train, model.parameters())
         self.meta = None if self.method == "baseline" else self._init_meta()
-        self.vec = MetaVector(self.meta) if self.meta is not None else None
-        self.meta_opt = self._meta_optimizer() if self.method in _META_METHODS else None
-        self.schedule = (
-            ForecastSchedule(cfg.forecast, self._vec().dim) if self.method == "forecast" else None
-        )
-        # Online forward mode (meta.hypergrad.method=online): Z_t = d(w_t, s_t)/d raw λ along the real steps
-        # (forecast: along the steps of the current optimize block only; dropped in predict windows).
-        self.online = self.method in _META_METHODS and cfg.meta.hypergrad.method == "online"
-        self.tangents: hypergrad.Tangents | None = None
+        self._vector = MetaVector(self.meta) if self.meta is not None else None
+        self.meta_opt = self._meta_optimizer() if self.method in ("hypergrad", "forecast") else None
+        self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
+        # The meta step's seam (metakd.methods): when meta steps happen, and how dL_val/dλ is computed.
+        self.schedule: MetaSchedule = build_schedule(self)
         self.step = 0
         self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
-        self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
         self.wall_base = 0.0
         self.last_eval: dict[str, float] = {}
         self.best = {"val_accuracy": -math.inf, "test_accuracy": -math.inf}
@@ -174,9 +176,15 @@ class Trainer:
             return torch.optim.Adam(params, lr=self.cfg.meta.lr)
         return torch.optim.SGD(params, lr=self.cfg.meta.lr, momentum=self.cfg.meta.momentum)
 
-    def _vec(self) -> MetaVector:
-        assert self.vec is not None, "no metaparameters for method=baseline"
-        return self.vec
+    def vec(self) -> MetaVector:
+        """Raw λ (or its gradients) ↔ one flat float64 vector (forecasts, metrics rows)."""
+        assert self._vector is not None, "no metaparameters for method=baseline"
+        return self._vector
+
+    @property
+    def hypergrad_method(self) -> HypergradMethod | None:
+        """The hypergradient method object (``meta.hypergrad.method``); None without meta steps."""
+        return self.schedule.method
 
     def lambdas(self, raw: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """The constrained λ used by the loss (constants for ``baseline``)."""
@@ -218,16 +226,22 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def phase(self, step: int) -> str:
         """``train`` (no meta steps), ``optimize`` or ``predict`` for 0-based ``step``."""
-        if self.schedule is not None:
-            return self.schedule.phase(step)
-        return "optimize" if self.method == "hypergrad" else "train"
+        return self.schedule.phase(step)
+
+    @contextmanager
+    def timed(self, bucket: str) -> Iterator[None]:
+        """Add the wall time of the block to ``phase_seconds[bucket]`` (summary.json)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[bucket] += time.perf_counter() - t0
 
     def meta_step(self, step: int) -> tuple[dict[str, Tensor] | None, bool]:
-        """Hypergradient over batches step..step+η-1 (online: over the steps trained so far) and one
-        meta update; (raw grads, finite). An online meta step with no carried steps (the first step,
-        or the first of a forecast optimize block) is skipped — its hypergradient would be zero — and
-        not counted: (None, False)."""
-        if self.online and self.tangents is None:
+        """The hypergradient at ``step`` and one meta update; (raw grads, finite). A meta step the
+        method is not ready for (online: no carried step yet) is skipped and not counted: (None, False)."""
+        method = self._hypergrad_method()
+        if not method.ready(step):
             return None, False
         grads, finite = self.hypergradient(step)
         self.counters["hypergradient_steps"] += 1
@@ -253,48 +267,27 @@ class Trainer:
         train_steps: Sequence[int] | None = None,
         val_batch: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
-        """dL_val(w_η(λ)) / d raw λ (eq. 11) from the current w, without a meta update.
+        """dL_val/d raw λ (eq. 11) at ``step`` by the configured method, without a meta update.
 
-        Unrolls the train batches of ``train_steps`` (default step..step+η-1) from the current weights
-        and inner-optimizer state, and evaluates L_val on ``val_batch`` (default the meta step's
-        validation batch at ``step``). Online (``meta.hypergrad.method=online``): ⟨∇_w L_val(w), Z⟩ with
-        the tangents carried over the steps trained so far — under ``forecast`` only those of the
-        current optimize block (zero before the first; ``train_steps`` must be None). Returns the
-        gradient per metaparameter (each shaped like its raw tensor) and whether it is finite.
-        Nothing in the trainer changes.
+        Look-ahead methods unroll the train batches of ``train_steps`` (default step..step+η-1)
+        from the current weights and optimizer state; online differentiates the steps carried so
+        far (``train_steps`` must be None). L_val on ``val_batch`` (default the meta step's
+        validation batch at ``step``). Returns the gradient per metaparameter (each shaped like its
+        raw tensor) and whether it is finite. Nothing in the trainer changes
+        (:mod:`metakd.methods`).
         """
-        assert self.meta is not None
-        hc = self.cfg.meta.hypergrad
-        named = dict(self.model.named_parameters())
-        vb = self.val_batch(step) if val_batch is None else val_batch
-        if self.online:
-            if train_steps is not None:
-                raise ValueError(
-                    "meta.hypergrad.method=online differentiates the steps already trained; "
-                    "train_steps is for look-ahead unrolls (reverse/forward)"
-                )
-            if self.tangents is None:
-                return {n: torch.zeros_like(self.meta.raw[n]) for n in self.meta.names}, True
-            params = {k: p.detach() for k, p in named.items()}
-            res = hypergrad.tangent_hypergradient(
-                self.val_loss, params, self.meta.raw, vb, self.tangents
+        return self._hypergrad_method().hypergradient(
+            step, train_steps=train_steps, val_batch=val_batch
+        )
+
+    def _hypergrad_method(self) -> HypergradMethod:
+        method = self.schedule.method
+        if method is None:
+            raise ValueError(
+                f"meta.method={self.method} takes no meta steps; hypergradients need "
+                "meta.method=hypergrad or forecast"
             )
-            grads = {n: res.grads[n].detach() for n in self.meta.names}
-            return grads, bool(res.finite)
-        if hc.unroll_optimizer == "sgd":
-            inner, state = optim.sgd(hc.unroll_lr or self.cfg.train.lr), None
-        else:
-            inner, state = optim.from_torch(self.optimizer, named)
-        steps = range(step, step + self.cfg.meta.unroll) if train_steps is None else train_steps
-        res = hypergrad.hypergradient(
-            self.train_loss, self.val_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw,
-            [self.batch(s) for s in steps], vb,
-            optimizer=inner, opt_state=state, method=hc.method, backend=hc.backend,
-            fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
-        )  # fmt: skip
-        grads = {n: res.grads[n].detach() for n in self.meta.names}
-        finite = bool(res.finite) and all(bool(torch.isfinite(g).all()) for g in grads.values())
-        return grads, finite
+        return method
 
     def apply_meta_grad(self, grads: Mapping[str, Tensor]) -> None:
         """Clip (norm over all metaparameters) and step the meta optimizer on raw λ; clamp."""
@@ -317,42 +310,9 @@ class Trainer:
             mc.lr_schedule, mc.lr, mc.lr_end, step / max(self.total_steps - 1, 1)
         )
 
-    def _set_raw(self, vec: Tensor) -> None:
-        assert self.meta is not None
-        if not bool(torch.isfinite(vec).all()):
-            log.warning("non-finite forecast; λ held at its current value")
-            return
-        with torch.no_grad():
-            for n, v in self._vec().unflat(vec).items():
-                self.meta.raw[n].copy_(v)
-        self.meta.clamp_()
-
-    def _forecast_step(self, step: int) -> None:
-        assert self.schedule is not None and self.meta is not None
-        t0 = time.perf_counter()
-        if self.schedule.is_boundary(step) or self.schedule.predicted(step) is None:
-            self.schedule.start_block(step, self._vec().flat(self.meta.raw))
-        pred = self.schedule.predicted(step)
-        assert pred is not None
-        if self.cfg.forecast.target == "values":
-            self._set_raw(pred)
-        elif step % self.cfg.meta.every == 0 and bool(torch.isfinite(pred).all()):
-            self.apply_meta_grad(self._vec().unflat(pred))
-        self.counters["predicted_steps"] += 1
-        self.phase_seconds["forecast"] += time.perf_counter() - t0
-
-    def carry_tangents(self, batch: Batch) -> None:
-        """Online forward mode: Z ← ∂U/∂(w, s)·(γZ) + ∂U/∂λ for the real step about to be taken on
-        ``batch`` at the current weights, optimizer state and λ (:func:`metakd.hypergrad.tangent_step`)."""
-        assert self.meta is not None
-        named = dict(self.model.named_parameters())
-        inner, state = optim.from_torch(self.optimizer, named)
-        _, _, self.tangents = hypergrad.tangent_step(
-            self.train_loss, {k: p.detach() for k, p in named.items()}, self.meta.raw, batch,
-            inner, state, self.tangents, decay=self.cfg.meta.hypergrad.online_decay,
-        )  # fmt: skip
-
-    def _real_step(self, batch: Batch) -> float:
+    def plain_real_step(self, batch: Batch) -> float:
+        """One step of the real torch optimizer on L_train(w, λ) at the current λ; the loss (no step
+        when it is not finite)."""
         x, y, t = batch
         lam = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in self.lambdas().items()}
         self.optimizer.zero_grad(set_to_none=True)
@@ -406,41 +366,20 @@ class Trainer:
 
     def _one_step(self, s: int) -> None:
         t0 = time.perf_counter()
-        phase, every, last = self.phase(s), self.cfg.meta.every, s + 1 == self.total_steps
-        grads: dict[str, Tensor] | None = None
-        finite = False
-        if phase == "optimize" and s % every == 0:
-            t1 = time.perf_counter()
-            grads, finite = self.meta_step(s)
-            self.phase_seconds["hypergrad"] += time.perf_counter() - t1
-        elif phase == "predict":
-            self._forecast_step(s)
-            # Truncated online forward mode: a predict window's λ is the forecaster's, not a function
-            # of the raw λ being differentiated, so the tangents stop here and the next optimize block
-            # starts again from Z = 0 (its hypergradients see only its own steps).
-            self.tangents = None
-        if self.online and phase == "optimize":
-            t1 = time.perf_counter()
-            self.carry_tangents(self.batch(s))
-            self.phase_seconds["hypergrad"] += time.perf_counter() - t1
+        sched, last = self.schedule, s + 1 == self.total_steps
+        phase = sched.phase(s)
+        grads, finite = sched.before_real_step(s)  # the meta step (or forecast) due before step s
         t2 = time.perf_counter()
-        loss = self._real_step(self.batch(s))
+        batch = self.batch(s)
+        loss = sched.real_step(s, batch)
+        if loss is None:
+            loss = self.plain_real_step(batch)
         self.stream.consumed(s)
         self.phase_seconds["train"] += time.perf_counter() - t2
         self.step = s + 1
         self.epoch_loss[0] += loss
         self.epoch_loss[1] += 1
-        err, extrap = None, None
-        if self.schedule is not None and self.meta is not None:
-            extrap = self.schedule.extrapolated(s)
-            if phase == "optimize":
-                target = self.cfg.forecast.target
-                actual = self._vec().flat(self.meta.raw) if target == "values" else None
-                if target == "gradients" and grads is not None and finite:
-                    actual = self._vec().flat(grads)
-                if actual is not None:
-                    self.schedule.record(s, actual)
-                err = self.schedule.observe(s, actual, last_step=last)
+        extrap, err = sched.after_real_step(s, grads, finite, last_step=last)
         epoch_end = self.step % self.steps_per_epoch == 0
         ee = self.cfg.train.eval_every
         evaluated = last or (ee > 0 and self.step % ee == 0) or (ee == 0 and epoch_end)
@@ -456,7 +395,7 @@ class Trainer:
         if epoch_end:
             self.last_epoch_loss = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
             self.epoch_loss = [0.0, 0]
-        boundary = s == 0 or (self.schedule is not None and self.schedule.is_boundary(s))
+        boundary = sched.is_boundary(s)
         bad = not math.isfinite(loss)
         forced = evaluated or boundary or err is not None or bad
         if forced or self._log_due(s, grads is not None):
@@ -507,8 +446,8 @@ class Trainer:
             "hypergrad": plain(grads),
             "hypergrad_norm": norm,
             "meta_lr": self.meta_lr(s) if self.meta_opt is not None else None,
-            "meta_forecast": plain(self._vec().unflat(extrap)) if extrap is not None else None,
-            "forecast_error": plain(self._vec().unflat(err)) if err is not None else None,
+            "meta_forecast": plain(self.vec().unflat(extrap)) if extrap is not None else None,
+            "forecast_error": plain(self.vec().unflat(err)) if err is not None else None,
         }
         row.update(ev)
         return row
@@ -516,8 +455,7 @@ class Trainer:
     # ------------------------------------------------------------------ results and state
     def summary(self) -> dict[str, Any]:
         """The trainer's part of summary.json (docs/architecture.md)."""
-        meta = self.meta
-        fc = self.method == "forecast"
+        meta, method = self.meta, self.schedule.method
         return {
             "method": self.method,
             "test_accuracy": self.last_eval.get("test_accuracy"),
@@ -534,23 +472,20 @@ class Trainer:
             "epochs": self.epoch,
             "wall_seconds": self.wall_seconds,
             "phase_seconds": dict(self.phase_seconds),
-            "forecaster": self.cfg.forecast.forecaster if fc else None,
-            "forecast_target": self.cfg.forecast.target if fc else None,
-            "window": self.cfg.forecast.window if fc else None,
-            "unroll": (
-                self.cfg.meta.unroll if self.method in _META_METHODS and not self.online else None
-            ),
+            **self.schedule.summary(),  # forecaster, forecast_target, window
+            "unroll": method.unroll if method is not None else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (loads with ``torch.load(weights_only=True)``)."""
+        method = self.schedule.method
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "meta": self.meta.state_dict() if self.meta is not None else None,
             "meta_optimizer": self.meta_opt.state_dict() if self.meta_opt is not None else None,
-            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-            "tangents": self.tangents.to_list() if self.tangents is not None else None,
+            "schedule": self.schedule.state_dict(),
+            "hypergrad_method": method.state_dict() if method is not None else None,
             "step": self.step,
             "counters": dict(self.counters),
             "phase_seconds": dict(self.phase_seconds),
@@ -570,15 +505,13 @@ class Trainer:
         if self.meta_opt is not None:
             self.meta_opt = self._meta_optimizer()  # bind to the (possibly new) raw tensors
             self.meta_opt.load_state_dict(state["meta_optimizer"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
-        tangents = state.get("tangents")
-        self.tangents = None
-        if tangents is not None:
-            names = [k for k, _ in self.model.named_parameters()]
-            self.tangents = hypergrad.Tangents.from_list(
-                names, [t.to(self.device) for t in tangents]
-            )
+        self.schedule.load_state_dict(state["schedule"])
+        method = self.schedule.method
+        if method is not None:
+            ms = state.get("hypergrad_method")
+            if ms is None:  # a checkpoint from before the metakd.methods seam: tangents at the top
+                ms = {"tangents": state.get("tangents")}
+            method.load_state_dict(ms)
         self.step = int(state["step"])
         self.counters = {k: int(v) for k, v in state["counters"].items()}
         self.phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}

@@ -419,7 +419,7 @@ def test_online_run_trains_moves_lambda_and_resumes_identically(task, method):
     assert summary["hypergradient_steps"] == len(meta_steps) - len(firsts)
     assert summary["unroll"] is None and _in_range(summary["meta"])
     assert all(abs(summary["meta"][n] - init[n]) > 1e-3 for n in init)  # λ moved
-    assert saved[at]["tangents"] is not None
+    assert saved[at]["hypergrad_method"]["tangents"] is not None
     torch.manual_seed(1)
     resumed = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
     resumed.load_state_dict(saved[at])
@@ -428,7 +428,7 @@ def test_online_run_trains_moves_lambda_and_resumes_identically(task, method):
         assert summary[key] == b[key], key
     # without the tangents the resumed run differs: the checkpoint's tangents are what carries over
     lost = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
-    lost.load_state_dict({**saved[at], "tangents": None})
+    lost.load_state_dict({**saved[at], "hypergrad_method": {"tangents": None}})
     assert lost.train()["meta_raw"] != summary["meta_raw"]
 
 
@@ -445,15 +445,16 @@ def test_online_forecast_differentiates_only_the_current_optimize_block(task, mo
     torch.manual_seed(0)
     trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
     carried: list[int] = []
-    real_carry = trainer.carry_tangents
+    online_method = trainer.hypergrad_method
+    real_carry = online_method.carry
     monkeypatch.setattr(
-        trainer, "carry_tangents", lambda b: (carried.append(trainer.step), real_carry(b))
+        online_method, "carry", lambda b: (carried.append(trainer.step), real_carry(b))
     )
     start = 12  # windows of 6 steps: optimize 0-5, predict 6-11, optimize 12-17
     for s in range(start):
         trainer._one_step(s)
         if s >= 6:
-            assert trainer.tangents is None, s  # dropped in the predict window
+            assert online_method.tangents is None, s  # dropped in the predict window
     named = dict(trainer.model.named_parameters())
     w12 = {n: p.detach().clone() for n, p in named.items()}
     inner, state12 = optim.from_torch(trainer.optimizer, named)

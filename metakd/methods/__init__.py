@@ -1,0 +1,86 @@
+"""The meta step's seams: one object per hypergradient method, one per meta schedule.
+
+The :class:`~metakd.trainer.Trainer` never branches on the method. It holds a
+:class:`~metakd.methods.schedules.MetaSchedule` (``meta.method``: when meta steps happen) wrapping a
+:class:`~metakd.methods.base.HypergradMethod` (``meta.hypergrad.method``: how dL_val/dλ is obtained):
+
+=====================  ===============================================  ==========================
+key                    class                                            module
+=====================  ===============================================  ==========================
+reverse, forward,      :class:`~metakd.methods.lookahead.LookAhead`     ``methods/lookahead.py``
+finite-difference
+online                 :class:`~metakd.methods.online.Online`           ``methods/online.py``
+hypergrad (schedule)   :class:`~metakd.methods.schedules.Continuous`    ``methods/schedules.py``
+forecast (schedule)    :class:`~metakd.methods.forecast.Forecast`       ``methods/forecast.py``
+baseline/fixed/random  :class:`~metakd.methods.schedules.Frozen`        ``methods/schedules.py``
+=====================  ===============================================  ==========================
+
+Adding a hypergradient method (e.g. ``meta.hypergrad.method=implicit``):
+
+1. write ``metakd/methods/implicit.py`` with a subclass of :class:`HypergradMethod` decorated with
+   ``@register("implicit")``; implement ``hypergradient(step, *, train_steps=None, val_batch=None)
+   -> (grads, finite)`` from what the bound trainer offers (``self.trainer.model``, ``.optimizer``,
+   ``.meta.raw``, ``.train_loss``, ``.val_loss``, ``.batch(s)``, ``.val_batch(s)``, ``.cfg``), and,
+   only if it needs them, ``ready``, ``before_real_step``, ``real_step`` (return a loss to take the
+   real step yourself, e.g. fused with a tangent step; None for the trainer's plain step),
+   ``after_real_step``, ``state_dict``/``load_state_dict``; set ``unroll`` if it unrolls a look-ahead;
+2. add ``from metakd.methods import implicit`` below (the registry entry is the decorator);
+3. test it alone: build a ``Trainer`` on a tiny task with the key and compare ``trainer.hypergradient``
+   against an independent reference (tests/test_trainer.py has the pattern).
+
+A user's method outside metakd needs no edit here: ``meta.hypergrad.method=mypkg.mod:MyMethod``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from metakd.config import ConfigError
+from metakd.methods import forecast, lookahead, online, schedules
+from metakd.methods.base import Grads, HypergradMethod
+from metakd.methods.forecast import Forecast
+from metakd.methods.lookahead import LookAhead
+from metakd.methods.online import Online
+from metakd.methods.registry import available, get, register
+from metakd.methods.schedules import Continuous, Frozen, MetaSchedule
+
+if TYPE_CHECKING:
+    from metakd.trainer import Trainer
+
+__all__ = [
+    "Continuous",
+    "Forecast",
+    "Frozen",
+    "Grads",
+    "HypergradMethod",
+    "LookAhead",
+    "MetaSchedule",
+    "Online",
+    "available",
+    "build_schedule",
+    "forecast",
+    "get",
+    "lookahead",
+    "online",
+    "register",
+    "schedules",
+]
+
+
+def build_schedule(trainer: Trainer) -> MetaSchedule:
+    """The schedule of ``trainer.cfg.meta.method`` around the method of ``meta.hypergrad.method``."""
+    kind = trainer.cfg.meta.method
+    if kind not in ("hypergrad", "forecast"):
+        return Frozen(trainer)
+    key = trainer.cfg.meta.hypergrad.method
+    try:
+        cls = get(key)
+    except ValueError as exc:
+        raise ConfigError(f"meta.hypergrad.method: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, HypergradMethod)):
+        raise ConfigError(
+            f"meta.hypergrad.method={key!r} resolves to {cls!r}, not a metakd.methods.HypergradMethod"
+            " subclass; subclass it (see the metakd.methods docstring)"
+        )
+    method = cls(trainer)
+    return Forecast(trainer, method) if kind == "forecast" else Continuous(trainer, method)

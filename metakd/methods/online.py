@@ -1,0 +1,94 @@
+"""Online forward mode (``meta.hypergrad.method=online``; Franceschi et al. 2017, real-time HO).
+
+Tangents Z_t = d(w_t, s_t)/d raw λ are carried along the *real* training steps instead of a
+look-ahead unroll: before each real step on batch B_t at the current (w_t, s_t, λ),
+
+    Z_{t+1} = ∂U/∂(w, s) · (γ Z_t) + ∂U/∂λ        (:func:`metakd.hypergrad.tangent_step`, γ = online_decay)
+
+and a meta step at t returns dL_val(w_t)/dλ = ⟨∇_w L_val(w_t), Z_t⟩ (:func:`tangent_hypergradient`):
+exact for λ held over the carried steps (γ = 1), cost O(H·P) memory and ≈ 1 + H/2 training steps per
+real step. Under the forecast schedule the tangents are carried in optimize windows only: a predict
+window's λ comes from the forecaster, not from raw λ, so they are dropped there and the next optimize
+block starts again from Z = 0 (truncated online forward mode). A meta step with no carried step (the
+first step, the first of an optimize block) would return 0: it is skipped and not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from metakd import hypergrad, optim
+from metakd.methods.base import Grads, HypergradMethod
+from metakd.methods.registry import register
+
+if TYPE_CHECKING:
+    from metakd.batches import Batch
+
+__all__ = ["Online"]
+
+
+@register("online")
+class Online(HypergradMethod):
+    """Forward-mode tangents carried along the real steps; ``tangents`` is None before the first."""
+
+    tangents: hypergrad.Tangents | None = None
+
+    def ready(self, step: int) -> bool:
+        return self.tangents is not None
+
+    def hypergradient(
+        self,
+        step: int,
+        *,
+        train_steps: Sequence[int] | None = None,
+        val_batch: tuple[Tensor, Tensor] | None = None,
+    ) -> Grads:
+        """⟨∇_w L_val(w), Z⟩ with the tangents carried so far (zeros before the first carried step)."""
+        tr = self.trainer
+        assert tr.meta is not None
+        if train_steps is not None:
+            raise ValueError(
+                "meta.hypergrad.method=online differentiates the steps already trained; "
+                "train_steps is for look-ahead unrolls (reverse/forward)"
+            )
+        if self.tangents is None:
+            return {n: torch.zeros_like(tr.meta.raw[n]) for n in tr.meta.names}, True
+        vb = tr.val_batch(step) if val_batch is None else val_batch
+        params = {k: p.detach() for k, p in tr.model.named_parameters()}
+        res = hypergrad.tangent_hypergradient(tr.val_loss, params, tr.meta.raw, vb, self.tangents)
+        return {n: res.grads[n].detach() for n in tr.meta.names}, bool(res.finite)
+
+    def before_real_step(self, step: int, phase: str) -> None:
+        """Optimize phase: carry the tangents over the step about to be taken; predict: drop them."""
+        if phase != "optimize":
+            self.tangents = None
+            return
+        with self.trainer.timed("hypergrad"):
+            self.carry(self.trainer.batch(step))
+
+    def carry(self, batch: Batch) -> None:
+        """Z ← ∂U/∂(w, s)·(γZ) + ∂U/∂λ for the real step about to be taken on ``batch`` at the current
+        weights, optimizer state and λ."""
+        tr = self.trainer
+        assert tr.meta is not None
+        named = dict(tr.model.named_parameters())
+        inner, state = optim.from_torch(tr.optimizer, named)
+        _, _, self.tangents = hypergrad.tangent_step(
+            tr.train_loss, {k: p.detach() for k, p in named.items()}, tr.meta.raw, batch,
+            inner, state, self.tangents, decay=tr.cfg.meta.hypergrad.online_decay,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tangents": self.tangents.to_list() if self.tangents is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tangents = state.get("tangents")
+        self.tangents = None
+        if tangents is not None:
+            tr = self.trainer
+            names = [k for k, _ in tr.model.named_parameters()]
+            self.tangents = hypergrad.Tangents.from_list(names, [t.to(tr.device) for t in tangents])
