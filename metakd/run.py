@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import random
 import shlex
 import subprocess
@@ -51,8 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_REL_FLOOR = 1e-8
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -363,21 +362,27 @@ def _plain_step(
     ]
 
 
-def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
+def check_grad(
+    cfg: Config, *, eps: float = 1e-3, callbacks: Sequence[Callback] = ()
+) -> dict[str, dict[str, Any]]:
     """Configured hypergradient vs central finite differences, at initialisation.
 
     The reference re-runs the η-step unroll of the first η training batches with plain loops in float64
     for r ± eps·e_i (each entry of each raw metaparameter): fd_i = (L(r + eps e_i) - L(r - eps e_i))/(2 eps).
-    Returns ``{name: {"hypergrad", "finite_difference", "rel_error"}}`` (lists for non-scalar λ);
-    rel_error = |hg - fd| / max(|hg|, |fd|, 1e-8): below 1e-8 (float32 round-off of a hypergradient,
-    e.g. through Adam's sign-like first step) a difference counts relative to that floor.
+    Returns ``{name: {"hypergrad", "finite_difference", "rel_error", "resolution", "resolved",
+    "val_loss"}}`` (lists for non-scalar λ) with rel_error = |hg - fd| / max(|hg|, |fd|) (no floor) and
+    resolution = the reference's own error estimate: |fd(eps) - fd(2 eps)| / 3 (Richardson: the
+    O(eps²) truncation error) + 16 ε64 max|L(r ± eps e_i)| / eps (float64 round-off of L divided by
+    the step). ``resolved`` is False where max(|hg|, |fd|) <= resolution: such an entry cannot be
+    checked at this setting and a caller must not count it as a pass. ``callbacks`` get the
+    in-process teacher's progress (:meth:`Callback.teacher_progress`).
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
     meta_cfg = cfg.meta.model_copy(update={"method": "hypergrad"})
     cfg = cfg.model_copy(update={"meta": meta_cfg})
     device = resolve_device(cfg.device)
-    splits, logits, model = _build(cfg, device)
+    splits, logits, model = _build(cfg, device, callbacks)
     trainer = Trainer(cfg, model, splits, logits, device=device)
     assert trainer.meta is not None
     model.train()
@@ -388,11 +393,11 @@ def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
     # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps
     # (with γ = 1: the finite differences below hold λ fixed, so online_decay is not applied).
     method = "forward" if hc.method == "online" else hc.method
-    res = hypergrad.hypergradient(
+    res_grads = hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
         (vx, vy), optimizer=inner, opt_state=state, method=method, backend=hc.backend,
         fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
-    )  # fmt: skip
+    ).grads  # fmt: skip
 
     model64 = copy.deepcopy(model).double().train()
     names = [k for k, _ in model64.named_parameters()]
@@ -419,28 +424,41 @@ def check_grad(cfg: Config, *, eps: float = 1e-3) -> dict[str, dict[str, Any]]:
             return float(losses.cross_entropy(forward(w, vx.double()), vy))
 
     raw64 = {k: v.detach().double() for k, v in trainer.meta.raw.items()}
+    val_loss = objective(raw64)
+    round_off = 16 * torch.finfo(torch.float64).eps
+
+    def central(name: str, r: Tensor, i: int, step: float) -> tuple[float, float]:
+        """(central difference of L along entry i with this step, max |L| of its two points)."""
+        vals = []
+        for sign in (1.0, -1.0):
+            shifted = r.clone().reshape(-1)
+            shifted[i] += sign * step
+            vals.append(objective({**raw64, name: shifted.reshape(r.shape)}))
+        return (vals[0] - vals[1]) / (2 * step), max(abs(v) for v in vals)
+
     result: dict[str, dict[str, Any]] = {}
     for name, r in raw64.items():
-        fd = torch.zeros_like(r).reshape(-1)
+        fd = torch.zeros(r.numel(), dtype=torch.float64)
+        res = torch.zeros_like(fd)
         for i in range(r.numel()):
-            vals = []
-            for sign in (1.0, -1.0):
-                shifted = r.clone().reshape(-1)
-                shifted[i] += sign * eps
-                vals.append(objective({**raw64, name: shifted.reshape(r.shape)}))
-            fd[i] = (vals[0] - vals[1]) / (2 * eps)
-        hg = res.grads[name].detach().double().cpu().reshape(-1)
-        fd = fd.cpu()
-        rel = (hg - fd).abs() / torch.maximum(
-            torch.maximum(hg.abs(), fd.abs()), torch.tensor(_REL_FLOOR)
-        )
+            fd1, size = central(name, r, i, eps)
+            fd2, _ = central(name, r, i, 2 * eps)
+            fd[i] = fd1
+            res[i] = abs(fd1 - fd2) / 3 + round_off * size / eps
+        hg = res_grads[name].detach().double().cpu().reshape(-1)
+        scale = torch.maximum(hg.abs(), fd.abs())
+        rel = torch.where(scale > 0, (hg - fd).abs() / scale, torch.zeros_like(scale))
+        resolved = scale > res
 
         def plain(t: Tensor, shape: torch.Size = r.shape) -> Any:
-            return float(t[0]) if len(shape) == 0 else t.reshape(shape).tolist()
+            return t.reshape(-1)[0].item() if len(shape) == 0 else t.reshape(shape).tolist()
 
         result[name] = {
             "hypergrad": plain(hg),
             "finite_difference": plain(fd),
             "rel_error": plain(rel),
+            "resolution": plain(res),
+            "resolved": plain(resolved),
+            "val_loss": val_loss,
         }
     return result

@@ -385,15 +385,45 @@ def test_check_grad_table_and_exit_code(monkeypatch):
         "temperature": {"hypergrad": [1.0, 2.0], "finite_difference": [1.0, 2.0],
                         "rel_error": [0.0, 2e-3]},
     }  # fmt: skip
-    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3: result_ok)
+    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: result_ok)
     result = invoke("check-grad", "--eps", "1e-4")
     assert result.exit_code == 0, result.output
     assert "beta1" in result.stdout and "max relative error 0.002" in result.stdout
     assert "OK" in result.stdout
     bad = {"beta1": {"hypergrad": 0.1, "finite_difference": 0.2, "rel_error": 0.5}}
-    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3: bad)
+    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: bad)
     result = invoke("check-grad")
     assert result.exit_code == 3 and "MISMATCH" in result.stdout
+    tiny = {
+        "beta1": {"hypergrad": -5.4e-11, "finite_difference": -9.7e-11, "rel_error": 0.44,
+                  "resolution": 2e-12, "resolved": True, "val_loss": 0.67},
+        "beta2": {"hypergrad": 2e-13, "finite_difference": 2.7e-13, "rel_error": 0.26,
+                  "resolution": 2e-12, "resolved": False, "val_loss": 0.67},
+    }  # fmt: skip
+    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: tiny)
+    result = invoke("check-grad")
+    assert result.exit_code == 3
+    assert "UNRESOLVED: beta2:" in result.stdout and "OK" not in result.stdout
+    assert "scale: max |hypergradient|, |finite difference| = 9.7e-11" in result.stdout
+    assert "Error: the hypergradient of beta2 is below the check's resolution (2e-12)" in (
+        result.stderr
+    )
+    tiny.pop("beta2")
+    result = invoke("check-grad")
+    assert result.exit_code == 3 and "MISMATCH" in result.stdout
+    assert "below the float32 round-off of L_val" in result.stdout
+
+
+def test_check_grad_default_is_well_above_float_noise(tmp_path, monkeypatch):
+    """Without a CONFIG the check runs where the hypergradient is ~1e-4 (issue 23, item 1), shows
+    the scale and passes; the train defaults' ~1e-10 would be float noise."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("check-grad", "teacher.epochs=200", "data.cache_dir=cache", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "η = 3, adam lr 0.05" in result.stdout and "OK" in result.stdout
+    scale = float(result.stdout.split("finite difference| = ")[1].split(";")[0])
+    floor = float(result.stdout.split("check resolution ")[1].split(" ")[0])
+    assert scale > 1e-5 and floor < 1e-4 * scale
 
 
 # --------------------------------------------------------------------------- real runs

@@ -144,6 +144,27 @@ def test_check_grad_agrees_with_finite_differences(cache, overrides, tol):
     for entry in result.values():
         assert abs(entry["hypergrad"]) > 1e-7  # a real signal, not two zeros
         assert entry["rel_error"] < tol
+        assert entry["resolved"] and entry["resolution"] < 1e-3 * abs(entry["finite_difference"])
+
+
+def test_check_grad_at_the_train_defaults_is_not_a_pass(cache):
+    """Adam lr 1e-3, η = 1 (the train defaults): the hypergradient is ~1e-10, float32 round-off of
+    the engine is as large as the signal. The check used to floor the relative error at 1e-8 and
+    pass (issue 23, item 1); now each entry fails or is flagged as unresolved."""
+    result = check_grad(_cfg(cache, "train.optimizer=adam", "train.lr=1e-3"), eps=1e-3)
+    for name, entry in result.items():
+        assert abs(entry["finite_difference"]) < 1e-9, name  # the setting the issue describes
+        assert entry["rel_error"] > 1e-2 or not entry.get("resolved", True), name
+    assert not all(entry.get("resolved", True) for entry in result.values())
+
+
+def test_check_grad_flags_what_it_cannot_resolve(cache):
+    """eps = 1e-9: float64 round-off of L over 2 eps (~1e-6) swamps a ~1e-10 hypergradient."""
+    result = check_grad(_cfg(cache, "train.optimizer=adam", "train.lr=1e-3"), eps=1e-9)
+    for entry in result.values():
+        assert entry["resolution"] > 1e-7 and entry["resolved"] is False
+    with pytest.raises(ValueError, match="finite number > 0"):
+        check_grad(_cfg(cache), eps=float("inf"))
 
 
 def test_metrics_truncation_drops_later_and_partial_rows(tmp_path):
