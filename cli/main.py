@@ -7,8 +7,9 @@ call ``metakd train CONFIG ${args_no_hyphens}``. Options (``--seed``, ``--device
 
 Errors a user can cause (a bad config, a missing file, a value the library rejects, a loss that
 became NaN) print one ``Error: ...`` line per problem on stderr and exit with code 2, without a
-traceback; anything else is a bug and keeps its traceback (exit code 1). Set ``METAKD_TRACEBACK=1``
-to see the traceback of user errors too. Results go to stdout, progress and messages to stderr.
+traceback; anything else is a bug and keeps its traceback (exit code 1). A full disk and a run directory held by another process are user errors
+too (exit code 2; the run directory is kept and the message gives the ``--resume`` command). Set
+``METAKD_TRACEBACK=1`` to see the traceback of user errors too. Results go to stdout, progress and messages to stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
+import errno
 import json
 import logging
 import math
@@ -32,6 +34,7 @@ from rich.table import Table
 
 from metakd import __version__
 from metakd.config import ConfigError, load_config
+from metakd.rundir import RunDirLockedError, read_config_file
 
 if TYPE_CHECKING:
     from metakd.config import Config
@@ -63,11 +66,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     ValueError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
     FloatingPointError,
+    RunDirLockedError,
 )
+#: OSError numbers that a user fixes (a full disk or quota, a file name longer than the system allows)
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG)
 EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 3
 
@@ -163,22 +170,59 @@ def _error(message: str) -> None:
         typer.echo(f"Error: {line}", err=True)
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``value`` as text, cut to ``limit`` characters (a 100,000-character override stays one line)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _os_error_text(exc: OSError, resume: str) -> str:
+    """One line for a user-fixable OSError; ``resume`` is how to continue after fixing it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"writing {exc.filename}" if exc.filename else "writing the run's files"
+        what = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is exceeded"
+        return f"{what} ({where}); {resume}"
+    if exc.errno == errno.ENAMETOOLONG:
+        return (
+            f"file name too long: {_short(exc.filename)}; a config value used in a path (e.g. name "
+            "or out) is too long for the file system, use a shorter one"
+        )
+    if isinstance(exc, FileExistsError) and exc.filename is not None:
+        return (
+            f"{_short(exc.filename)} already exists and is not a directory; pass another --out "
+            "(or remove it)"
+        )
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {_short(exc.filename)}"
+    return str(exc)
+
+
 @contextlib.contextmanager
-def _user_errors(run_dir: list[Path] | None = None) -> Iterator[None]:
-    """Turn user-caused exceptions into ``Error: ...`` on stderr and exit code 2."""
+def _user_errors(run_dir: list[Path] | None = None, resume: str | None = None) -> Iterator[None]:
+    """Turn user-caused exceptions into ``Error: ...`` on stderr and exit code 2. ``run_dir`` (filled
+    once known) is kept and named with its ``--resume`` command; ``resume`` overrides that command
+    (e.g. rerunning an experiment)."""
     try:
         yield
-    except USER_ERRORS as exc:
-        if os.environ.get("METAKD_TRACEBACK"):
+    except (*USER_ERRORS, OSError) as exc:
+        user = isinstance(exc, USER_ERRORS) or (
+            isinstance(exc, OSError) and exc.errno in _USER_ERRNOS
+        )
+        if not user or os.environ.get("METAKD_TRACEBACK"):
             raise
-        text = str(exc)
-        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-            text = f"{exc.strerror}: {exc.filename}"
+        kept = run_dir[0] if run_dir and run_dir[0].is_dir() else None
+        if resume is None and kept is not None:
+            resume = f"continue it with: metakd train --resume {kept}"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept_text = f"the run directory {kept} is kept: " if kept is not None else ""
+            then = resume or "run the command again"
+            _error(_os_error_text(exc, f"{kept_text}free some space, then {then}"))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        text = _os_error_text(exc, "") if isinstance(exc, OSError) else str(exc)
         _error(text or type(exc).__name__)
-        if run_dir and run_dir[0].is_dir():
+        if kept is not None and not isinstance(exc, RunDirLockedError):
             typer.echo(
-                f"Error: the run directory {run_dir[0]} is kept; after fixing the problem, continue "
-                f"it with: metakd train --resume {run_dir[0]}",
+                f"Error: the run directory {kept} is kept; after fixing the problem, {resume}",
                 err=True,
             )
         raise typer.Exit(EXIT_USER_ERROR) from None
@@ -305,6 +349,7 @@ def _run_config(run_dir: Path) -> str:
         raise FileNotFoundError(
             f"nothing to resume: {run_dir} has no config.yaml (is it a metakd run directory?)"
         )
+    read_config_file(path)  # empty or unreadable: refused, never resumed as the default config
     return str(path)
 
 
@@ -560,11 +605,13 @@ def experiment(
     from metakd.progress import ExperimentProgress
 
     console = _setup_logging(quiet)
-    with _user_errors():
+    exp_dir: list[Path] = []  # for the error messages: it is kept, the same command continues it
+    with _user_errors(exp_dir, resume="run the same command again to continue it"):
         cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb)
         method_list = parse_methods(methods)
         seed_list = parse_seeds(seeds, first=cfg.seed)
         out_dir = out or Path("runs") / f"{cfg.name}-experiment-{_timestamp()}"
+        exp_dir.append(out_dir)
 
         from metakd.experiment import run_experiment
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
 from metakd.report import aggregate, results_csv, results_markdown
-from metakd.rundir import atomic_write_text
+from metakd.rundir import atomic_write_text, lock_dir, read_summary_file
 
 __all__ = ["METHODS", "run_dir_for", "run_experiment"]
 
@@ -54,11 +54,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
-    try:
-        summary: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to rerun that run") from None
-    return summary
+    return read_summary_file(path)  # ValueError naming the file when it is not a JSON mapping
 
 
 def _finished(run_dir: Path) -> bool:
@@ -211,6 +207,15 @@ def run_experiment(
                 f"{missing} under {out / 'hypergrad'}; add 'hypergrad' to the methods"
             )
     out.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out):  # a second experiment on the same --out is refused, naming this PID
+        return _run_grid(cfg, methods, seeds, out, workers, callbacks_factory, quiet, train_fn)
+
+
+def _run_grid(
+    cfg: Config, methods: list[str], seeds: list[int], out: Path, workers: int,
+    callbacks_factory: CallbacksFactory | None, quiet: bool, train_fn: TrainFn | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The body of :func:`run_experiment`, run while holding the lock on ``out``."""
 
     def say(msg: str) -> None:
         if not quiet:

@@ -138,12 +138,15 @@ class _MetricsWriter(Callback):
 
     def __init__(self, rundir: RunDir) -> None:
         self.rundir = rundir
+        self.rows = 0  # rows in metrics.jsonl, recorded in checkpoints to detect lost rows
 
     def on_step(self, row: Mapping[str, Any]) -> None:
         self.rundir.append_metrics(row)
+        self.rows += 1
 
     def on_eval(self, row: Mapping[str, Any]) -> None:
         self.rundir.append_metrics(row)
+        self.rows += 1
 
 
 def _teacher_progress(callbacks: Sequence[Callback]) -> teacher.ProgressFactory:
@@ -203,7 +206,7 @@ def load_trainer(
     dev = resolve_device(cfg.device)
     state: dict[str, Any] | None = None
     if epoch is None:
-        state = rd.load_checkpoint()
+        state = rd.load_checkpoint(required=("trainer",))
         if state is None:
             raise FileNotFoundError(
                 f"{rd.path} has no checkpoint; pass epoch=0 for the initial state"
@@ -257,28 +260,29 @@ def train_run(
         )
     check_components(cfg)
     rd = RunDir(path)
-    rd.write_config(cfg, resume=resume)
-    with rd.attach_log():
-        try:
-            return _train(cfg, rd, device, resume, callbacks, command)
-        finally:
-            rd.close()
+    with rd.lock():  # a second process on the same run directory is refused, naming this PID
+        rd.remove_orphans()
+        rd.write_config(cfg, resume=resume)
+        with rd.attach_log():
+            try:
+                return _train(cfg, rd, device, resume, callbacks, command)
+            finally:
+                rd.close()
 
 
 def _train(
     cfg: Config, rd: RunDir, device: torch.device, resume: bool, callbacks: Sequence[Callback],
     command: str | None,
 ) -> dict[str, Any]:  # fmt: skip
-    ckpt = rd.load_checkpoint() if resume else None
+    ckpt = rd.load_checkpoint(required=("trainer", "rng")) if resume else None
     if not resume and (rd.checkpoints() or rd.metrics_path.exists()):
         log.warning("%s already holds a run with this config; starting it over", rd.path)
         for p in rd.checkpoints():
             p.unlink()
         rd.summary_path.unlink(missing_ok=True)
     splits, logits, model = _build(cfg, device, callbacks)
-    trainer = Trainer(
-        cfg, model, splits, logits, device=device, callbacks=[_MetricsWriter(rd), *callbacks]
-    )
+    writer = _MetricsWriter(rd)
+    trainer = Trainer(cfg, model, splits, logits, device=device, callbacks=[writer, *callbacks])
     fingerprint = str(splits.info.get("fingerprint", ""))
     if ckpt is not None:
         _restore(trainer, ckpt, rd)
@@ -286,7 +290,12 @@ def _train(
         log.info("resumed %s at epoch %d (step %d)", rd.path, trainer.epoch, trainer.step)
     elif resume:
         log.warning("no checkpoint in %s; starting from the beginning", rd.path)
-    rd.truncate_metrics(trainer.step)
+    expected = ckpt.get("metrics_rows") if ckpt is not None else None
+    writer.rows = rd.truncate_metrics(trainer.step, expected if isinstance(expected, int) else None)
+    # every command that worked on this run, the original first (report.md lists them)
+    current = command if command is not None else _cli_command()
+    history = [str(c) for c in (ckpt.get("commands") or [])] if ckpt is not None else []
+    commands = [*history, current] if current else history
     info = {
         **{k: v for k, v in splits.info.items() if isinstance(v, (str, int, float, bool)) or v is None},
         "device": str(device), "total_steps": trainer.total_steps, "start_step": trainer.step,
@@ -302,6 +311,7 @@ def _train(
                 "trainer": trainer.state_dict(), "rng": get_rng_state(), "epoch": epoch,
                 "step": trainer.step, "fingerprint": fingerprint, "metakd_version": metakd.__version__,
                 "teacher": {"checkpoint": cfg.teacher.checkpoint, "fingerprint": fingerprint},
+                "metrics_rows": writer.rows, "commands": commands,
             }  # fmt: skip
             rd.save_checkpoint(state, epoch)
 
@@ -309,7 +319,7 @@ def _train(
         return {
             "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "status": status,
             "device": str(device), "metakd_version": metakd.__version__, "git_commit": git_commit(),
-            "run_dir": str(rd.path), "command": command if command is not None else _cli_command(),
+            "run_dir": str(rd.path), "command": current, "commands": commands,
         }  # fmt: skip
 
     try:
