@@ -25,7 +25,7 @@ runner = CliRunner()
 
 OVERRIDES = [
     "device=cpu", "train.epochs=20", "teacher.epochs=20", "train.eval_every=10",
-    "train.checkpoint_every=5", "wandb.mode=disabled",
+    "train.checkpoint_every=5", "train.log_every=1", "wandb.mode=disabled",
 ]  # fmt: skip
 EXACT = ("meta", "meta_raw", "test_accuracy", "best_test_accuracy", "val_accuracy", "steps")
 
@@ -318,3 +318,55 @@ def test_orphaned_temporary_files_are_removed_on_resume(finished, tmp_path):
     assert not [p for p in orphans if p.exists()]
     assert keep.read_text() == "mine\n"
     assert [p.name for p in RunDir(run).checkpoints()] == ["epoch-00020.pt", "epoch-00015.pt"]
+
+
+# --------------------------------------------------------------------------- item 5 (resume)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "undecodable"])
+def test_resume_warns_when_metrics_rows_were_lost(finished, tmp_path, caplog, damage):
+    run = _copy(finished, tmp_path)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    step15 = [i for i, line in enumerate(lines) if json.loads(line)["step"] <= 15]
+    expected = len(step15)  # rows logged up to the epoch-15 checkpoint (the newest is made bad)
+    RunDir(run).checkpoints()[0].write_bytes(b"")
+    if damage == "truncated":
+        text = b"".join(lines[: expected // 2]) + lines[expected // 2][:7]  # cut mid-row
+    else:
+        text = b"".join(lines[:2]) + b'{"step": \xff\xfe}\n' + b"".join(lines[3:])
+    (run / "metrics.jsonl").write_bytes(text)
+    with caplog.at_level("WARNING", logger="metakd"):
+        train_run(load_config(None, finished["overrides"]), run, resume=True)
+    lost = [r.getMessage() for r in caplog.records if "lost rows" in r.getMessage()]
+    kept = expected // 2 if damage == "truncated" else expected - 1
+    assert len(lost) == 1 and f"holds {kept} of the {expected} rows" in lost[0], lost
+    assert "metrics.jsonl" in lost[0]
+
+
+def test_resume_of_intact_metrics_does_not_warn(finished, tmp_path, caplog):
+    run = _copy(finished, tmp_path)
+    RunDir(run).checkpoints()[0].write_bytes(b"")
+    with caplog.at_level("WARNING", logger="metakd"):
+        train_run(load_config(None, finished["overrides"]), run, resume=True)
+    assert not [r for r in caplog.records if "lost rows" in r.getMessage()]
+
+    def rows(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k != "step_time"} for r in RunDir(path).read_metrics()
+        ]
+
+    assert rows(run) == rows(finished["run"])
+
+
+def test_summary_records_the_original_command_and_each_resume(finished, tmp_path):
+    run = tmp_path / "cmd"
+    cfg = load_config(None, [*finished["overrides"], "train.epochs=10"])
+    train_run(cfg, run, command="metakd train train.epochs=10 --out cmd")
+    cfg20 = load_config(None, finished["overrides"])
+    summary = train_run(
+        cfg20, run, resume=True, command="metakd train --resume cmd train.epochs=20"
+    )
+    assert summary["command"] == "metakd train --resume cmd train.epochs=20"
+    assert summary["commands"] == [
+        "metakd train train.epochs=10 --out cmd", "metakd train --resume cmd train.epochs=20",
+    ]  # fmt: skip
