@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metakd import __version__
-from metakd.config import ConfigError, load_config
+from metakd.config import SEED_MAX, ConfigError, load_config
 from metakd.rundir import RunDirLockedError, read_config_file
 
 if TYPE_CHECKING:
@@ -106,7 +106,12 @@ ArgsArg = Annotated[
         show_default=False,
     ),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (config key seed).")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", min=0, max=SEED_MAX, help="Random seed, 0 .. 2**32 - 1 (config key seed)."
+    ),
+]
 DeviceOpt = Annotated[
     Device | None,
     typer.Option(
@@ -220,7 +225,8 @@ def _user_errors(run_dir: list[Path] | None = None, resume: str | None = None) -
             raise typer.Exit(EXIT_USER_ERROR) from None
         text = _os_error_text(exc, "") if isinstance(exc, OSError) else str(exc)
         _error(text or type(exc).__name__)
-        if kept is not None and not isinstance(exc, RunDirLockedError):
+        # An error that says the run cannot be continued (its fix is a new --out) gets no --resume hint.
+        if kept is not None and not isinstance(exc, RunDirLockedError) and "new --out" not in text:
             typer.echo(
                 f"Error: the run directory {kept} is kept; after fixing the problem, {resume}",
                 err=True,
@@ -493,6 +499,11 @@ def teacher(
         cfg = load_cli_config(args, seed=seed, device=device)
         if out is None:
             out = Path(cfg.teacher.checkpoint or Path("runs") / "teachers" / f"{cfg.name}.pt")
+        if out.is_dir():
+            raise IsADirectoryError(
+                f"--out {out} is a directory; give the checkpoint file to write, e.g. "
+                f"--out {out / (cfg.name + '.pt')}"
+            )
         if out.exists() and not force:
             raise ConfigError(
                 f"teacher checkpoint {out} already exists; pass --force to overwrite it"

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "SEED_MAX",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -36,6 +37,9 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
+
+
+SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -119,7 +123,10 @@ class DataConfig(_Strict):
     augment: bool = False
     cache_dir: str = ".cache/metakd"
     data_seed: int | None = Field(
-        default=None, description="seed of the data split/generation; None uses the run seed"
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="seed of the data split/generation; None uses the run seed",
     )
 
 
@@ -264,7 +271,7 @@ class Config(_Strict):
     """A complete experiment. ``metakd train`` with no file uses these defaults: the synthetic task."""
 
     name: str = "synthetic"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="0 .. 2**32 - 1 (numpy's range)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str | None = Field(
         default=None, description="run directory; None: runs/<name>-<timestamp>"
@@ -365,6 +372,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     source = ""
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            hint = (
+                " (a run directory: its config.yaml, or --resume)"
+                if (p / "config.yaml").is_file()
+                else ""
+            )
+            raise ConfigError(
+                f"config file {str(p)!r} is a directory; pass a YAML file such as "
+                f"configs/synthetic.yaml{hint}"
+            )
         if not p.is_file():
             raise ConfigError(
                 f"config file {str(p)!r} does not exist; pass a YAML file such as configs/synthetic.yaml"

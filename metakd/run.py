@@ -259,6 +259,8 @@ def train_run(
             f"cannot resume: {str(path)!r} holds no run (no config.yaml); drop --resume to start one"
         )
     check_components(cfg)
+    if cfg.teacher.checkpoint is not None and cfg.meta.method != "baseline":
+        teacher.check_checkpoint_path(cfg.teacher.checkpoint)  # fails before the run dir exists
     rd = RunDir(path)
     with rd.lock():  # a second process on the same run directory is refused, naming this PID
         rd.remove_orphans()
@@ -266,8 +268,27 @@ def train_run(
         with rd.attach_log():
             try:
                 return _train(cfg, rd, device, resume, callbacks, command)
+            except BaseException as exc:
+                if not isinstance(exc, FloatingPointError):  # _train logged that one already
+                    _record_failure(rd, exc)
+                raise
             finally:
                 rd.close()
+
+
+def _record_failure(rd: RunDir, exc: BaseException) -> None:
+    """Append why the run stopped to run.log (only there: the caller reports it to the user), so a
+    run directory left by a failed start says what happened."""
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    line = (
+        f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    )
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(rd.log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} ERROR metakd.run: run {what}: {line}\n")
+    except OSError:  # a full disk or a removed directory must not hide the original error
+        pass
 
 
 def _train(

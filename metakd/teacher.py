@@ -43,6 +43,7 @@ from metakd.rundir import atomic_torch_save
 __all__ = [
     "CHECKPOINT_FORMAT",
     "ProgressFactory",
+    "check_checkpoint_path",
     "evaluate",
     "load_teacher",
     "predict_logits",
@@ -223,12 +224,23 @@ def save_teacher(
     return out
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def check_checkpoint_path(path: str | Path) -> None:
+    """Raise the user-facing error when ``path`` is not a file (a directory, or missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"teacher checkpoint {str(path)!r} is a directory; pass the .pt file that "
+            "`metakd teacher CONFIG --out FILE` wrote"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {str(path)!r} does not exist; train one with `metakd teacher CONFIG` "
             "or set teacher.checkpoint=null to train the teacher in-process"
         )
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
