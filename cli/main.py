@@ -440,6 +440,7 @@ def _print_train_summary(
         return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
     wall = summary.get("wall_seconds")
+    skipped = summary.get("skipped_meta_steps")
     lines = [
         f"[bold]Run directory:[/bold] {run_dir}",
         f"  method               {summary.get('method', '-')} (seed {summary.get('seed', '-')})",
@@ -447,7 +448,9 @@ def _print_train_summary(
         f"  val accuracy         {acc('val_accuracy')}",
         f"  λ                    {format_meta(summary.get('meta')) or '-'}",
         f"  hypergradient steps  {_fmt(summary.get('hypergradient_steps'))} "
-        f"(predicted {_fmt(summary.get('predicted_steps'))})",
+        f"(predicted {_fmt(summary.get('predicted_steps'))}"
+        + (f", skipped as non-finite {skipped}" if skipped else "")
+        + ")",
         f"  wall time            {_fmt_seconds(wall)} on {summary.get('device', '-')}",
         "  files                summary.json, metrics.jsonl, config.yaml, run.log, checkpoints/",
     ]

@@ -47,7 +47,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan anywhere (meta.lr=.inf used to run to the end with Infinity in the metrics).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class MetaParamSpec(_Strict):
@@ -226,6 +227,17 @@ class MetaConfig(_Strict):
             raise ValueError(
                 f"values has keys {sorted(unknown)} that are not metaparameters {sorted(self.params)}"
             )
+        temp = self.params.get("temperature")
+        if temp is not None and (temp.constraint == "identity" or (
+            temp.constraint in ("sigmoid", "softplus") and not temp.lo > 0
+        )):  # fmt: skip
+            raise ValueError(
+                f"params.temperature must stay > 0 (the loss divides by T): got constraint "
+                f"{temp.constraint} with lo={temp.lo}; use lo > 0 (the paper: lo=0.1) or "
+                "constraint exp"
+            )
+        if "temperature" in self.values and not self.values["temperature"] > 0:
+            raise ValueError(f"values.temperature must be > 0, got {self.values['temperature']}")
         hc = self.hypergrad
         if hc.method == "online" and (hc.unroll_optimizer != "match" or hc.backend != "func"):
             raise ValueError(

@@ -276,6 +276,19 @@ def train_run(
                 rd.close()
 
 
+def _all_meta_steps_failed(trainer: Trainer) -> str | None:
+    """The cause, when every hypergradient of the run was non-finite (so λ never moved); else None."""
+    done, skipped = (trainer.counters[k] for k in ("hypergradient_steps", "skipped_meta_steps"))
+    if done == 0 or skipped < done:
+        return None
+    mc = trainer.cfg.meta
+    return (
+        f"every meta step was skipped ({skipped} of {done}): the hypergradient was never finite, so "
+        f"λ never moved from its initial value; check meta.params (ranges of λ), meta.lr (now "
+        f"{mc.lr:g}) and train.lr (now {trainer.cfg.train.lr:g}), e.g. with metakd check-grad"
+    )
+
+
 def _record_failure(rd: RunDir, exc: BaseException) -> None:
     """Append why the run stopped to run.log (only there: the caller reports it to the user), so a
     run directory left by a failed start says what happened."""
@@ -345,6 +358,9 @@ def _train(
 
     try:
         trainer.train(on_epoch_end=checkpoint)
+        cause = _all_meta_steps_failed(trainer)
+        if cause is not None:
+            raise FloatingPointError(cause)
     except FloatingPointError as exc:
         failed = {**summary("failed"), "error": str(exc)}
         rd.write_summary(failed)

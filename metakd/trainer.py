@@ -403,10 +403,25 @@ class Trainer:
             for cb in self.callbacks:
                 (cb.on_eval if evaluated else cb.on_step)(row)
         if bad:
-            raise FloatingPointError(
-                f"training loss became {loss} at step {s + 1} (epoch {s // self.steps_per_epoch + 1}); "
-                f"the student diverged: lower train.lr (now {self.cfg.train.lr})"
+            where = f"training loss became {loss} at step {s + 1} (epoch {s // self.steps_per_epoch + 1})"
+            raise FloatingPointError(f"{where}; {self._divergence_cause()}")
+
+    def _divergence_cause(self) -> str:
+        """Which knob a non-finite training loss points at: λ itself, a tiny temperature, or train.lr."""
+        lam = {k: torch.as_tensor(v).detach().double() for k, v in self.lambdas().items()}
+        bad = sorted(k for k, v in lam.items() if not bool(torch.isfinite(v).all()))
+        if bad:
+            return (
+                f"the metaparameters {', '.join(bad)} are not finite: the meta updates diverged; "
+                f"lower meta.lr (now {self.cfg.meta.lr:g}) or set meta.clip"
             )
+        temp = lam.get("temperature")
+        if temp is not None and float(temp.min()) < 0.1:
+            return (
+                f"the temperature is {float(temp.min()):.3g}: raise meta.params.temperature.lo "
+                f"(the paper uses 0.1), or lower train.lr (now {self.cfg.train.lr:g})"
+            )
+        return f"the student diverged: lower train.lr (now {self.cfg.train.lr})"
 
     def _log_due(self, s: int, meta_step: bool) -> bool:
         """Whether step s (0-based) writes a metrics row outside the forced ones (eval, window
