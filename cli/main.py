@@ -740,7 +740,8 @@ def _summaries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
         "[bold]Examples[/bold]\n\n"
         "  metakd bench                       [dim]# CUDA when present[/dim]\n\n"
         "  metakd bench --model cifar_very_tiny --batch-size 128 --etas 1,4,16 --device cuda "
-        "--out bench-out"
+        "--out bench-out\n\n"
+        "  metakd bench --scaling --device cpu --out docs/bench   [dim]# cost against H[/dim]"
     )
 )
 def bench(
@@ -772,11 +773,27 @@ def bench(
             "--e2e", help="Also time one training epoch per method (baseline, hypergrad, forecast)."
         ),
     ] = False,
+    scaling: Annotated[
+        bool,
+        typer.Option(
+            "--scaling",
+            help="Instead: cost against the number of metaparameters H = 1..100, every method "
+            "(metakd.bench_scaling; --repeats/--threads/--device/--out apply, "
+            "python -m metakd.bench_scaling for its other options).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Time and measure memory of hypergradients for several unroll lengths η."""
     _setup_logging(quiet)
     with _user_errors():
+        if scaling:
+            from metakd.bench_scaling import run_scaling_bench
+
+            run_scaling_bench(repeats=repeats, device=device.value, threads=threads or 1, out=out)
+            if out is not None:
+                err_console.print(f"Results written to {out}", soft_wrap=True)
+            return
         try:
             eta_list = [int(e) for e in etas.split(",") if e.strip()]
         except ValueError:
