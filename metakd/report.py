@@ -19,16 +19,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shlex
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
+
+from metakd.rundir import atomic_write_text, read_config_file, read_summary_file
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -64,6 +65,8 @@ STAT_KEYS = (
 """Scalar ``summary.json`` keys aggregated per method (mean and sample std over seeds)."""
 
 FIGURES = ("accuracy", "metaparams", "sensitivity", "sweep", "cost")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -135,17 +138,20 @@ class Run:
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     rows: list[dict[str, Any]] = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    fix = "repair or delete that line (or resume the run, which drops unreadable lines)"
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{i} is not UTF-8 text ({exc.reason}); {fix}") from None
         except json.JSONDecodeError as exc:
             if i == len(lines):  # a run killed mid-write leaves a truncated last line
                 break
-            raise ValueError(f"{path}:{i} is not a JSON metrics row: {exc}") from None
+            raise ValueError(f"{path}:{i} is not a JSON metrics row ({exc}); {fix}") from None
         if isinstance(row, dict):
             rows.append(row)
     return rows
@@ -159,12 +165,9 @@ def load_run(path: str | Path) -> Run:
         raise FileNotFoundError(
             f"{summary_path} does not exist: {path} is not a finished run directory"
         )
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{summary_path} is not valid JSON: {exc}") from None
+    summary = read_summary_file(summary_path)  # ValueError naming the file and the fix
     config_path = path / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    config = read_config_file(config_path) if config_path.is_file() else {}
     return Run(path, summary, config, _read_metrics(path / "metrics.jsonl"))
 
 
@@ -191,9 +194,24 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return list(found)
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """:func:`load_run` on every run found by :func:`find_runs`, sorted by (method, seed, path)."""
-    runs = [load_run(p) for p in find_runs(paths)]
+def load_runs(
+    paths: Iterable[str | Path], *, skipped: list[tuple[Path, str]] | None = None
+) -> list[Run]:
+    """:func:`load_run` on every run found by :func:`find_runs`, sorted by (method, seed, path).
+
+    With ``skipped`` (a list), an unreadable run (damaged summary.json, config.yaml or metrics.jsonl)
+    is left out with a warning naming the file, and appended there as ``(path, reason)``; without
+    it, the first unreadable run raises its ``ValueError``."""
+    runs = []
+    for p in find_runs(paths):
+        try:
+            runs.append(load_run(p))
+        except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+            if skipped is None:
+                raise
+            reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
+            log.warning("skipped the unreadable run %s: %s", p, reason)
+            skipped.append((p, reason))
     return sorted(runs, key=lambda r: (_method_key(r.method), str(r.seed), str(r.path)))
 
 
@@ -319,16 +337,8 @@ def results_markdown(table: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically, mode 0666 & ~umask like the figures (not mkstemp's 0600)."""
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- figures
@@ -788,11 +798,32 @@ def _forecast_errors(runs: Sequence[Run]) -> str:
     )
 
 
+def _command_text(cmd: Any) -> str:
+    return shlex.join(str(c) for c in cmd) if isinstance(cmd, list) else str(cmd)
+
+
 def _command(summary: Mapping[str, Any]) -> str | None:
     cmd = summary.get("command")
-    if cmd is None:
-        return None
-    return shlex.join(str(c) for c in cmd) if isinstance(cmd, list) else str(cmd)
+    return None if cmd is None else _command_text(cmd)
+
+
+def _commands_block(run: Run, rel: str) -> str:
+    """The commands that made ``run``: the original (with its config and overrides) first, then each
+    ``--resume``; without a record, the equivalent command from the run's resolved config."""
+    history = [_command_text(c) for c in run.summary.get("commands") or [] if c]
+    if not history and (current := _command(run.summary)):
+        history = [current]
+    if not history:
+        return f"# {rel}: no command recorded; its resolved config reproduces it\nmetakd train {shlex.quote(rel + '/config.yaml')}\n"
+    lines = [f"# {rel}", history[0]]
+    lines += [f"# then: {c}" for c in history[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _data_of(run: Run) -> str:
+    """The data set a run was trained on (``data.name`` of its config)."""
+    data = run.config.get("data")
+    return str(data.get("name")) if isinstance(data, Mapping) and data.get("name") else "unknown"
 
 
 def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool = False) -> Path:
@@ -801,16 +832,30 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
     ``cost.png``; those without data are skipped and named in ``report.md``) into ``out_dir``.
     ``paths``: run directories and/or directories searched recursively for them; runs whose summary
     has ``status: failed`` are left out (and listed). Returns the path of ``report.md``."""
-    loaded = load_runs(paths)
+    skipped: list[tuple[Path, str]] = []
+    loaded = load_runs(paths, skipped=skipped)
     runs = [r for r in loaded if r.summary.get("status") != "failed"]
     failed = [r for r in loaded if r.summary.get("status") == "failed"]
     if not runs:
+        why = "is unreadable or has status 'failed'" if skipped else "has status 'failed'"
+        lines = "".join(f"\n{p}: {reason}" for p, reason in skipped)
         raise ValueError(
-            f"every run under {[str(p) for p in paths]} has status 'failed'; nothing to report"
+            f"every run under {[str(p) for p in paths]} {why}; nothing to report{lines}"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = aggregate(r.summary for r in runs)
+    by_data: dict[str, list[Run]] = {}
+    for r in runs:
+        by_data.setdefault(_data_of(r), []).append(r)
+    if len(by_data) > 1:
+        log.warning(
+            "the report mixes runs on different data (%s); its results are split by data set",
+            ", ".join(f"{d}: {len(rs)} runs" for d, rs in by_data.items()),
+        )
+    tables = {d: aggregate(r.summary for r in rs) for d, rs in by_data.items()}
+    table = next(iter(tables.values())) if len(tables) == 1 else [
+        {"data": d, **row} for d, t in tables.items() for row in t
+    ]  # fmt: skip
     figures = make_figures(runs, logx=logx)
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=100)
@@ -832,10 +877,26 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
             if failed
             else ""
         ),
+        (
+            f"Skipped {len(skipped)} unreadable run(s):\n\n"
+            + "".join(f"- `{os.path.relpath(p, out)}`: {reason}\n" for p, reason in skipped)
+            + "\n"
+            if skipped
+            else ""
+        ),
         "## Results\n\n",
-        results_markdown(table),
-        "\n## Figures\n\n",
     ]
+    if len(tables) == 1:
+        parts.append(results_markdown(table))
+    else:
+        parts.append(
+            "**Warning: these runs were trained on different data "
+            f"({', '.join(f'`{d}`' for d in tables)}); each data set has its own table below, "
+            "and the figures overlay them.**\n\n"
+        )
+        for d, t in tables.items():
+            parts.append(f"### Data: {d}\n\n{results_markdown(t)}\n")
+    parts.append("\n## Figures\n\n")
     for name in FIGURES:
         if name in figures:
             parts.append(f"### {name}\n\n{_CAPTIONS[name]}\n\n![{name}]({name}.png)\n\n")
@@ -851,15 +912,15 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
             for c in cols
         ]
         parts.append("| " + " | ".join(cells) + " |\n")
-    commands = [(os.path.relpath(r.path, out), c) for r in runs if (c := _command(r.summary))]
     parts.append("\n## Commands\n\n")
-    if commands:
-        parts.append("```bash\n" + "".join(f"# {rel}\n{c}\n" for rel, c in commands) + "```\n")
-    else:
-        parts.append(
-            "The runs' summaries record no `command`; the settings above come from each run's "
-            "`config.yaml` (the fully resolved config, usable as `metakd train <run>/config.yaml`).\n"
-        )
+    parts.append(
+        "Each run's original command (its config and overrides) first, then each command that "
+        "resumed it; a run with no recorded command is reproduced from its resolved `config.yaml` "
+        "(paths relative to this report)."
+        "\n\n```bash\n"
+        + "".join(_commands_block(r, os.path.relpath(r.path, out)) for r in runs)
+        + "```\n"
+    )
     report = out / "report.md"
     _write_text_atomic(report, "".join(parts))
     return report
