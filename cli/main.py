@@ -452,6 +452,7 @@ def _print_train_summary(
         + (f", skipped as non-finite {skipped}" if skipped else "")
         + ")",
         f"  wall time            {_fmt_seconds(wall)} on {summary.get('device', '-')}",
+        f"  cost                 {_fmt_cost(summary.get('cost'))}",
         "  files                summary.json, metrics.jsonl, config.yaml, run.log, checkpoints/",
     ]
     if tracker.url:
@@ -460,6 +461,16 @@ def _print_train_summary(
         lines.append(f"  W&B (offline)        upload with: {tracker.sync_hint}")
     for line in lines:
         out_console.print(line, soft_wrap=True)
+
+
+def _fmt_cost(cost: Any) -> str:
+    """The ledger entry: plain-run equivalents by wall and CPU seconds, and the reference."""
+    if not isinstance(cost, dict) or cost.get("plain_runs") is None:
+        return "- (no fixed-λ reference on this machine)"
+    cpu = cost.get("plain_runs_cpu")
+    src = (cost.get("reference") or {}).get("source", "?")
+    cpu_text = f", {cpu:.2f} by CPU" if isinstance(cpu, (int, float)) else ""
+    return f"{cost['plain_runs']:.2f} plain runs by wall{cpu_text} (reference: {src})"
 
 
 def _fmt_seconds(value: Any) -> str:
@@ -968,6 +979,9 @@ def forecasters() -> None:
     else:
         for name, text in sorted(names.items()):
             typer.echo(f"{name}\t{text}")
+
+
+from metakd_cli import search as _search  # noqa: E402, F401  (registers ``metakd search``)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from metakd import search_report
 from metakd.rundir import atomic_write_text, read_config_file, read_summary_file
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ STAT_KEYS = (
     "hypergradient_steps",
     "predicted_steps",
     "wall_seconds",
+    "cpu_seconds",
+    "plain_runs",
 )
 """Scalar ``summary.json`` keys aggregated per method (mean and sample std over seeds)."""
 
@@ -313,8 +316,8 @@ def results_markdown(table: Sequence[Mapping[str, Any]]) -> str:
     predicted steps, wall time."""
     head = (
         "| method | seeds | final test acc | best test acc (max) | final val acc | final λ (mean) "
-        "| hypergrad steps | predicted steps | wall s |\n"
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|\n"
+        "| hypergrad steps | predicted steps | wall s | cost (plain runs) |\n"
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in table:
@@ -327,11 +330,13 @@ def results_markdown(table: Sequence[Mapping[str, Any]]) -> str:
             f"| {best} | {_pm(r['val_accuracy_mean'], r['val_accuracy_std'])} | {meta} "
             f"| {_pm(r['hypergradient_steps_mean'], r['hypergradient_steps_std'], 1)} "
             f"| {_pm(r['predicted_steps_mean'], r['predicted_steps_std'], 1)} "
-            f"| {_pm(r['wall_seconds_mean'], r['wall_seconds_std'], 1)} |"
+            f"| {_pm(r['wall_seconds_mean'], r['wall_seconds_std'], 1)} "
+            f"| {_pm(r.get('plain_runs_mean'), r.get('plain_runs_std'), 2)} |"
         )
     note = (
         "\nMean ± sample standard deviation (ddof=1) over seeds; no ± with a single seed. "
-        "'max' is the best single run's best test accuracy.\n"
+        "'max' is the best single run's best test accuracy. Cost: wall seconds over a fixed-λ "
+        "run's of the same settings and machine (`metakd.ledger`).\n"
     )
     return head + "\n".join(lines) + "\n" + note
 
@@ -903,6 +908,7 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
         else:
             parts.append(f"### {name}\n\nSkipped: {_SKIPPED[name]}.\n\n")
     parts.append(_forecast_errors(runs))
+    parts.append(search_report.section(paths, out))  # studies and pipelines among the paths
     parts.append("## Runs and their settings\n\n")
     cols = ["run", "method", "seed", *(k for k, _ in _SETTINGS), "test_accuracy"]
     parts.append("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 import metakd
-from metakd import data, hypergrad, losses, models, optim, plugins, teacher
+from metakd import data, hypergrad, ledger, losses, models, optim, plugins, teacher
 from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
 from metakd.trainer import Callback, Trainer
@@ -309,6 +309,12 @@ def _train(
     command: str | None,
 ) -> dict[str, Any]:  # fmt: skip
     ckpt = rd.load_checkpoint(required=("trainer", "rng")) if resume else None
+    cpu_base = float(ckpt.get("cpu_seconds", 0.0)) if ckpt is not None else 0.0
+    cpu_start: list[float] = []  # process_time() when training started (CPU seconds of the loop)
+
+    def cpu_seconds() -> float:
+        return cpu_base + (time.process_time() - cpu_start[0] if cpu_start else 0.0)
+
     if not resume and (rd.checkpoints() or rd.metrics_path.exists()):
         log.warning("%s already holds a run with this config; starting it over", rd.path)
         for p in rd.checkpoints():
@@ -344,6 +350,7 @@ def _train(
             state = {
                 "trainer": trainer.state_dict(), "rng": get_rng_state(), "epoch": epoch,
                 "step": trainer.step, "fingerprint": fingerprint, "metakd_version": metakd.__version__,
+                "cpu_seconds": cpu_seconds(),
                 "teacher": {"checkpoint": cfg.teacher.checkpoint, "fingerprint": fingerprint},
                 "metrics_rows": writer.rows, "commands": commands,
             }  # fmt: skip
@@ -351,12 +358,14 @@ def _train(
 
     def summary(status: str) -> dict[str, Any]:
         return {
-            "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "status": status,
+            "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "cpu_seconds": cpu_seconds(),
+            "status": status,
             "device": str(device), "metakd_version": metakd.__version__, "git_commit": git_commit(),
             "run_dir": str(rd.path), "command": current, "commands": commands,
         }  # fmt: skip
 
     try:
+        cpu_start.append(time.process_time())
         trainer.train(on_epoch_end=checkpoint)
         cause = _all_meta_steps_failed(trainer)
         if cause is not None:
@@ -367,6 +376,8 @@ def _train(
         log.error("%s (run record so far in %s)", exc, rd.path)
         raise
     result = summary("completed")
+    rd.write_summary(result)  # written before the ledger entry: a failed calibration loses nothing
+    result.update(ledger.run_cost(cfg, result))
     rd.write_summary(result)
     log.info("finished %s: test accuracy %s", rd.path, result["test_accuracy"])
     for cb in callbacks:

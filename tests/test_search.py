@@ -1,0 +1,302 @@
+"""`metakd search` (Optuna grid/random/TPE over a fixed λ), the metakd pipeline and the compute
+ledger, on tiny synthetic configs: grid coverage and validation-only choice against the trials' own
+run directories, retrains against independent train_run calls, resume of a killed study in a fresh
+process, two worker processes sharing one journal study, and the plain-run costs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from metakd import ledger
+from metakd.config import ConfigError, load_config
+from metakd.report import build_report
+from metakd.run import train_run
+from metakd.search import SearchSpace, parse_grid, run_search, storage_for
+from metakd.trainer import Callback
+from metakd_cli.main import app
+
+TINY = [
+    "device=cpu", "teacher.epochs=100", "train.epochs=60", "train.eval_every=20",
+    "train.log_every=10", "train.checkpoint_every=10", "wandb.mode=disabled",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))  # teacher logits and ledger shared by the module
+
+
+def _cfg(cache: str, *extra: str):
+    return load_config(None, [*TINY, f"data.cache_dir={cache}", *extra])
+
+
+def _summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+def test_share_space_maps_to_beta_and_temperature_and_checks_the_grid():
+    cfg = load_config(None, [])
+    sp = SearchSpace.from_config(cfg, "share")
+    assert sp.dims["beta1_share"].log and (
+        sp.dims["beta1_share"].lo,
+        sp.dims["beta1_share"].hi,
+    ) == (
+        0.01,
+        0.99,
+    )
+    assert 0.1 < sp.dims["temperature"].lo < 0.12 and 9.98 < sp.dims["temperature"].hi < 10.0
+    assert sp.values({"beta1_share": 0.1, "temperature": 4.0}) == {
+        "beta1": 0.1, "beta2": 0.9, "temperature": 4.0,
+    }  # fmt: skip
+    raw = SearchSpace.from_config(cfg, "raw")
+    assert sorted(raw.dims) == ["beta1", "beta2", "temperature"]
+    grid = parse_grid(["beta1_share=0.01,0.1,0.5", "temperature=1,4,8"], sp)
+    assert grid == {"beta1_share": [0.01, 0.1, 0.5], "temperature": [1.0, 4.0, 8.0]}
+    with pytest.raises(ConfigError, match="missing \\['temperature'\\]"):
+        parse_grid(["beta1_share=0.1"], sp)
+    with pytest.raises(ConfigError, match="outside the range"):
+        parse_grid(["beta1_share=0.1", "temperature=20"], sp)
+    with pytest.raises(ConfigError, match="not a searched dimension"):
+        parse_grid(["beta1=0.1", "temperature=2"], sp)
+    soft = load_config(None, ["meta.params.temperature.constraint=softplus"])
+    with pytest.raises(ConfigError, match="sigmoid"):
+        SearchSpace.from_config(soft, "raw")
+
+
+GRID = ["beta1_share=0.1,0.5", "temperature=1,4"]
+
+
+def test_grid_study_covers_the_grid_chooses_by_validation_and_retrains(cache, tmp_path):
+    cfg = _cfg(cache)
+    out = tmp_path / "grid"
+    first = run_search(cfg, sampler="grid", trials=2, out_dir=out, grid=GRID)
+    assert len(first["trials"]) == 2
+    # continuing the study (a larger budget) visits the rest of the grid, no point twice
+    res = run_search(cfg, sampler="grid", trials=10, out_dir=out, grid=GRID, retrain_seeds=[1])
+    trials = res["trials"]
+    assert len(trials) == 4 and {t["state"] for t in trials} == {"COMPLETE"}  # capped to the grid
+    points = {(t["params"]["beta1_share"], t["params"]["temperature"]) for t in trials}
+    assert points == {(0.1, 1.0), (0.1, 4.0), (0.5, 1.0), (0.5, 4.0)}
+    # every trial is a fixed-λ run whose own summary holds the score; the best is by validation
+    vals = {}
+    for t in trials:
+        s = _summary(out / t["run_dir"])
+        assert s["method"] == "fixed" and s["meta"]["beta2"] == pytest.approx(
+            1 - t["values"]["beta1"]
+        )
+        assert t["val_accuracy"] == s["val_accuracy"] and t["test_accuracy"] == s["test_accuracy"]
+        vals[t["number"]] = s["val_accuracy"]
+    best = max(vals.values())
+    assert res["best"]["number"] == min(n for n, v in vals.items() if v == best)
+    # the study is its own plain-run reference: n complete trials cost n plain runs
+    assert res["cost"]["plain_runs"] == pytest.approx(4.0)
+    assert trials[-1]["cum_cost"] == pytest.approx(4.0)
+    # the retrain is an ordinary fixed-λ run at the chosen λ on the other seed
+    ref = train_run(
+        _cfg(cache, "seed=1", "meta.method=fixed",
+             *(f"meta.values.{k}={v!r}" for k, v in res["best"]["values"].items())),
+        tmp_path / "independent",
+    )  # fmt: skip
+    assert res["retrain"][0]["test_accuracy"] == ref["test_accuracy"]
+    md = (out / "results.md").read_text()
+    assert "test acc (not used)" in md and "Retrained at trial" in md
+    assert (out / "trials.csv").read_text().count("\n") == 5
+    # a rerun is a resume: nothing is trained again, the same results come back
+    again = run_search(cfg, sampler="grid", trials=4, out_dir=out, grid=GRID, train_fn=_no_training)
+    assert [t["params"] for t in again["trials"]] == [t["params"] for t in trials]
+    with pytest.raises(ConfigError, match="different sampler"):
+        run_search(cfg, sampler="random", trials=4, out_dir=out)
+    # metakd report adds the search table and figure
+    report = build_report([out], tmp_path / "report")
+    text = report.read_text()
+    assert "## Search studies and the metakd pipeline" in text and "search.png" in text
+    assert (tmp_path / "report" / "search.png").is_file()
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a finished study trained again")
+
+
+DRIVER = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from metakd.config import load_config
+from metakd.run import train_run
+from metakd.search import run_search
+from metakd.trainer import Callback
+
+a = json.loads(sys.argv[1])
+
+class Slow(Callback):  # gives the test time to act while a trial trains
+    def on_step(self, row):
+        time.sleep(a["sleep"])
+
+run_search(load_config(None, a["overrides"]), sampler=a["sampler"], trials=a["trials"],
+           out_dir=a["out"], storage=a.get("storage"), worker=a.get("worker", 0),
+           callbacks_factory=lambda cfg, run_dir: [Slow()])
+"""
+
+
+def _driver(tmp: Path, **args) -> list[str]:
+    script = tmp / "driver.py"
+    script.write_text(DRIVER)
+    return [sys.executable, str(script), json.dumps(args)]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+class _Slow(Callback):
+    """Sleeps at every logged step: gives a test time to act while a trial trains."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+
+    def on_step(self, row) -> None:
+        time.sleep(self.sleep)
+
+
+def test_killed_study_resumes_in_a_fresh_process(cache, tmp_path):
+    """A study killed (SIGKILL) mid-trial in one process is continued by another one (this one)."""
+    out = tmp_path / "study"
+    overrides = [*TINY, f"data.cache_dir={cache}", "train.log_every=1"]
+    cmd = _driver(
+        tmp_path, overrides=overrides, sampler="random", trials=3, out=str(out), sleep=0.02
+    )
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    ckpts = out / "trials" / "trial-0001" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts.is_dir() and any(ckpts.glob("epoch-*.pt"))) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # trial 1 dies between two checkpoints
+    proc.wait()
+    study = optuna.load_study(study_name="study", storage=storage_for(None, out))
+    assert [t.state.name for t in study.trials][:2] == ["COMPLETE", "RUNNING"]
+    assert not (out / "trials/trial-0001/summary.json").exists()
+    res = run_search(load_config(None, overrides), sampler="random", trials=3, out_dir=out)
+    study = optuna.load_study(study_name="study", storage=storage_for(None, out))
+    by_state: dict[str, list] = {}
+    for t in study.trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert len(by_state["COMPLETE"]) == 3 and [t.number for t in by_state["FAIL"]] == [1]
+    failed = by_state["FAIL"][0]
+    rerun = [t for t in by_state["COMPLETE"] if t.params == failed.params]
+    assert len(rerun) == 1 and rerun[0].user_attrs["run_dir"] == "trials/trial-0001"
+    log = (out / "trials" / "trial-0001" / "run.log").read_text()
+    assert "resumed" in log  # the interrupted run continued from its checkpoint
+    s = _summary(out / "trials" / "trial-0001")
+    assert s["status"] == "completed" and s["steps"] == 60
+    assert len({json.dumps(t.params, sort_keys=True) for t in by_state["COMPLETE"]}) == 3
+    assert [t["number"] for t in res["trials"]] == sorted(t.number for t in by_state["COMPLETE"])
+
+
+def test_two_workers_share_one_journal_study(cache, tmp_path):
+    """Two processes (a subprocess and this one) fill one journal-file study together."""
+    out = tmp_path / "shared"
+    journal = f"journal:{tmp_path / 'shared.journal'}"
+    overrides = [*TINY, f"data.cache_dir={cache}", "train.log_every=1"]
+    cmd = _driver(tmp_path, overrides=overrides, sampler="random", trials=4, out=str(out),
+                  storage=journal, worker=1, sleep=0.03)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "trials").is_dir() and time.time() < deadline:  # the other worker has begun
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    run_search(load_config(None, overrides), sampler="random", trials=4, out_dir=out,
+               storage=journal, worker=0, callbacks_factory=lambda c, d: [_Slow(0.03)])  # fmt: skip
+    _, err = proc.communicate(timeout=150)
+    assert proc.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=storage_for(journal, out))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert 4 <= len(complete) <= 5  # MaxTrialsCallback counts running trials; a race may add one
+    pids = {t.user_attrs["worker"]["pid"] for t in complete}
+    assert pids == {proc.pid, os.getpid()}  # both workers trained trials
+    dirs = [t.user_attrs["run_dir"] for t in complete]
+    assert len(set(dirs)) == len(dirs)
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == len(complete)
+    for d in dirs:
+        assert _summary(out / d)["status"] == "completed"
+
+
+def test_ledger_fixed_run_is_the_reference_of_a_hypergrad_run(tmp_path):
+    cache = str(tmp_path / "cache")
+    fixed = train_run(_cfg(cache, "meta.method=fixed", "meta.values.beta1=0.3",
+                           "meta.values.beta2=0.7", "meta.values.temperature=2"), tmp_path / "f")  # fmt: skip
+    assert fixed["plain_runs"] == 1.0 and fixed["cost"]["reference"]["source"] == "self"
+    assert (
+        fixed["cpu_seconds"] > 0 and fixed["cpu_seconds"] == _summary(tmp_path / "f")["cpu_seconds"]
+    )
+    ref = ledger.lookup_reference(_cfg(cache))
+    assert ref is not None and ref["wall_per_step"] == pytest.approx(fixed["wall_seconds"] / 60)
+    hyper = train_run(_cfg(cache, "train.epochs=30"), tmp_path / "h")
+    cost = hyper["cost"]
+    assert cost["reference"]["source"] == "cache"
+    assert cost["plain_runs"] == pytest.approx(hyper["wall_seconds"] / (ref["wall_per_step"] * 30))
+    assert cost["plain_runs_cpu"] == pytest.approx(
+        hyper["cpu_seconds"] / (ref["cpu_per_step"] * 30)
+    )
+    # without any reference on record, a short fixed-λ calibration is timed and cached
+    other = str(tmp_path / "cache2")
+    cal = train_run(_cfg(other), tmp_path / "h2")
+    assert cal["cost"]["reference"]["source"] == "calibration" and cal["plain_runs"] > 0
+    assert ledger.lookup_reference(_cfg(other)) is not None
+
+
+def test_cli_pipeline_costs_finder_plus_retrain_and_errors_exit_2(cache, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "pipe"
+    args = ["search", *TINY, f"data.cache_dir={cache}", "--sampler", "hypergrad",
+            "--finder-epochs", "20", "--retrain-seeds", "0,1", "--out", str(out), "-q"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    for row in results["runs"]:
+        s = row["seed"]
+        finder, retrain = _summary(out / f"finder/seed-{s}"), _summary(out / f"retrain/seed-{s}")
+        assert finder["method"] == "hypergrad" and finder["steps"] == 20
+        assert retrain["method"] == "fixed" and retrain["steps"] == 60
+        assert retrain["meta"] == pytest.approx(
+            finder["meta"], rel=1e-5
+        )  # retrained at the found λ
+        expect = (finder["wall_seconds"] + retrain["wall_seconds"]) / retrain["wall_seconds"]
+        assert (
+            row["cost"] == pytest.approx(expect)
+            and row["test_accuracy"] == retrain["test_accuracy"]
+        )
+    mean = sum(r["test_accuracy"] for r in results["runs"]) / 2
+    assert results["summary"]["test_accuracy_mean"] == pytest.approx(mean)
+    assert "metakd pipeline" in res.output
+    bad = runner.invoke(app, ["search", *TINY, "--sampler", "grid", "--grid", "temperature=1",
+                              "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code == 2 and "missing ['beta1_share']" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_median_pruner_prunes_on_validation_and_counts_the_saving(cache, tmp_path):
+    res = run_search(_cfg(cache, "train.eval_every=5", "train.epochs=40"), sampler="grid",
+                     trials=5, out_dir=tmp_path / "pruned", pruner="median",
+                     grid=["beta1_share=0.01,0.5,0.99", "temperature=0.2,8"])  # fmt: skip
+    states = [t["state"] for t in res["trials"]]
+    assert len(states) == 5 and states[:2] == ["COMPLETE", "COMPLETE"]  # the start-up trials run
+    for t in res["trials"]:
+        if t["state"] == "PRUNED":
+            assert t["test_accuracy"] is None and t["cost"] < 1 and t["steps"] < 40
+    pruned = [t for t in res["trials"] if t["state"] == "PRUNED"]
+    assert res["cost"]["pruned"] == len(pruned)
+    assert res["cost"]["pruning_saved"] == pytest.approx(sum(1 - t["cost"] for t in pruned))
+    assert res["cost"]["plain_runs"] == pytest.approx(sum(t["cost"] for t in res["trials"]))
+    assert math.isclose(res["cost"]["plain_runs"] + res["cost"]["pruning_saved"], 5, rel_tol=1e-9)
