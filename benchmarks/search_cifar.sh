@@ -39,5 +39,7 @@ if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side
   wait
   metakd search "${C[@]}" "${M[@]}" --retrain-seeds 0,1,2,3,4 > "$OUT/metakd.log" 2>&1
 fi
-python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "$OUT/grid" "$OUT/random" "$OUT/tpe" \
-  "$OUT/metakd" --figure "$OUT/search.png"
+if [[ $STEP == all || $STEP == table ]]; then
+  python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "$OUT/grid" "$OUT/random" "$OUT/tpe" \
+    "$OUT/metakd" --figure "$OUT/search.png"
+fi
