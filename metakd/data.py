@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from metakd.config import ConfigError, DataConfig
 from metakd.rundir import atomic_torch_save
+from metakd.status import StatusLine
 
 __all__ = [
     "PUBLISHED_SEED",
@@ -55,6 +57,8 @@ __all__ = [
     "load_data",
     "synthetic_arrays",
 ]
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_SEED = 42
 """numpy legacy seed of the published synthetic dataset."""
@@ -278,7 +282,15 @@ def decode_image_folder(
         num_workers=workers,
         collate_fn=_stack_same_size,
     )
-    chunks = list(loader)
+    log.info(
+        "decoding %d images under %s (%s); cached in %s for later runs",
+        len(samples), root, f"{workers} workers" if workers else "in-process", cache,
+    )  # fmt: skip
+    status = StatusLine(log, f"decoding images under {root}", len(samples))
+    chunks = []
+    for chunk in loader:
+        chunks.append(chunk)
+        status.update(len(chunk))
     shapes = {tuple(c.shape[1:]) for c in chunks}
     if len(shapes) > 1:
         raise ValueError(

@@ -36,6 +36,7 @@ import metakd
 from metakd import data, hypergrad, ledger, losses, models, optim, plugins, teacher
 from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
+from metakd.status import StatusLine
 from metakd.trainer import Callback, Trainer
 
 __all__ = [
@@ -451,6 +452,7 @@ def check_grad(
     # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps
     # (with γ = 1: the finite differences below hold λ fixed, so online_decay is not applied).
     method = "forward" if hc.method == "online" else hc.method
+    log.info("check-grad: the %s hypergradient over η = %d steps", method, cfg.meta.unroll)
     res_grads = hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
         (vx, vy), optimizer=inner, opt_state=state, method=method, backend=hc.backend,
@@ -494,6 +496,12 @@ def check_grad(
             vals.append(objective({**raw64, name: shifted.reshape(r.shape)}))
         return (vals[0] - vals[1]) / (2 * step), max(abs(v) for v in vals)
 
+    entries = sum(r.numel() for r in raw64.values())
+    log.info(
+        "check-grad: finite differences, %d float64 unrolls of η = %d steps (4 per λ entry)",
+        4 * entries, cfg.meta.unroll,
+    )  # fmt: skip
+    status = StatusLine(log, "check-grad: finite differences, λ entries", entries)
     result: dict[str, dict[str, Any]] = {}
     for name, r in raw64.items():
         fd = torch.zeros(r.numel(), dtype=torch.float64)
@@ -501,6 +509,7 @@ def check_grad(
         for i in range(r.numel()):
             fd1, size = central(name, r, i, eps)
             fd2, _ = central(name, r, i, 2 * eps)
+            status.update()
             fd[i] = fd1
             res[i] = abs(fd1 - fd2) / 3 + round_off * size / eps
         hg = res_grads[name].detach().double().cpu().reshape(-1)

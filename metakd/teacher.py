@@ -39,6 +39,7 @@ from metakd.config import Config, ConfigError, ModelConfig, TeacherConfig, confi
 from metakd.data import Split, Splits, augment_batch
 from metakd.models import build_model
 from metakd.rundir import atomic_torch_save
+from metakd.status import StatusLine
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -137,6 +138,9 @@ def train_teacher(
         model.train()
         order = torch.randperm(n, generator=gen).to(dev) if batch < n else None
         total = torch.zeros((), device=dev)
+        # A long epoch (CIFAR on a CPU: a minute) reaches ``progress`` only at its end: log a status
+        # line every 10 s inside it (nothing for epochs shorter than that).
+        status = StatusLine(log, f"teacher: epoch {epoch + 1}/{tcfg.epochs}, batch", -(-n // batch))
         for lo in range(0, n, batch):
             if order is None:
                 xb, yb = x_all, y_all
@@ -151,6 +155,7 @@ def train_teacher(
             opt.step()
             total += loss.detach() * len(yb)
             steps += 1
+            status.update()
         row = {"loss": float(total) / n}
         if (epoch + 1) % eval_every == 0 or epoch + 1 == tcfg.epochs:
             test = evaluate(model, splits.test)
