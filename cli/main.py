@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import difflib
 import errno
+import inspect
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ app = typer.Typer(
         "[bold]Examples[/bold]\n\n"
         "  metakd train                       [dim]# the synthetic experiment[/dim]\n\n"
         "  metakd train configs/cifar10.yaml meta.unroll=5 --seed 1\n\n"
-        "  metakd experiment configs/synthetic.yaml --seeds 10 --methods baseline,hypergrad\n\n"
+        "  metakd experiment configs/synthetic.yaml --methods baseline,hypergrad\n\n"
         "  metakd report runs/synthetic-experiment-* --out reports/synthetic\n\n"
         "Run [bold]metakd COMMAND --help[/bold] for the options of each command."
     ),
@@ -163,7 +164,11 @@ def _setup_logging(quiet: bool) -> Console:
     logger = logging.getLogger("metakd")
     if _log_handler is not None:
         logger.removeHandler(_log_handler)
-    _log_handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    if console.is_terminal:
+        _log_handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    else:  # a log file or CI: one unwrapped line per record (rich would wrap it at 80 columns)
+        _log_handler = logging.StreamHandler(sys.stderr)
+        _log_handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     _log_handler.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.addHandler(_log_handler)
     logger.setLevel(logging.INFO)
@@ -982,6 +987,52 @@ def forecasters() -> None:
 
 
 from metakd_cli import search as _search  # noqa: E402, F401  (registers ``metakd search``)
+
+# --------------------------------------------------------------------------- help text
+
+
+def _flag_type(self: Any, ctx: Any) -> str | None:
+    """No ``<bool>`` after an on/off flag (typer >= 0.2x shows one): a flag takes no value."""
+    return None if getattr(self, "is_flag", False) else _typer_display_type(self, ctx)
+
+
+_typer_display_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _typer_display_type is not None:
+    typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+
+
+def _tidy_paragraphs(text: str) -> str:
+    """Collapse the whitespace that line continuations leave inside paragraphs
+    (``"the \\\n    teacher"`` rendered as ``the     teacher``)."""
+    return "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(text).split("\n\n"))
+
+
+def _tidy_epilog(text: str) -> str:
+    """Consecutive example lines ("  metakd ...") one per line, not a blank line apart, where typer
+    keeps single newlines in a rich epilog (fastapi/typer#1405); elsewhere typer joins them."""
+    import typer.rich_utils
+
+    if not hasattr(typer.rich_utils, "_fix_linebreaks"):
+        return text
+    out: list[str] = []
+    for par in text.split("\n\n"):
+        if out and par.startswith("  metakd") and out[-1].split("\n")[-1].startswith("  metakd"):
+            out[-1] += "\n" + par
+        else:
+            out.append(par)
+    return "\n\n".join(out)
+
+
+def _tidy_help(typer_app: typer.Typer) -> None:
+    typer_app.info.epilog = _tidy_epilog(typer_app.info.epilog or "") or None
+    for info in typer_app.registered_commands:
+        if info.epilog:
+            info.epilog = _tidy_epilog(info.epilog)
+        if info.callback is not None and info.callback.__doc__:
+            info.callback.__doc__ = _tidy_paragraphs(info.callback.__doc__)
+
+
+_tidy_help(app)
 
 
 def main() -> None:

@@ -36,9 +36,10 @@ optimization), optionally with a forgetting factor γ.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,6 +338,20 @@ def _reverse_torchopt(
 # --------------------------------------------------------------------------- reverse / higher
 
 
+@contextlib.contextmanager
+def _quiet_higher() -> Iterator[None]:
+    """Around higher's own calls only (its import, optimizer wrapping and steps — never the user's
+    losses): hide torch's ``torch.jit.script is deprecated`` FutureWarning, which is about higher's
+    internals, not the user's code (issue 23)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`torch\.jit\.script` is (deprecated|not supported)",
+            category=FutureWarning,
+        )
+        yield
+
+
 def _reverse_higher(
     train_loss: TrainLoss,
     val_loss: ValLoss,
@@ -348,7 +363,8 @@ def _reverse_higher(
     opt: _optim.InnerOptimizer,
     state: Any,
 ) -> HypergradResult:
-    import higher
+    with _quiet_higher():
+        import higher
 
     hp = opt.hparams
     if opt.meta_dependent:
@@ -373,7 +389,8 @@ def _reverse_higher(
     if state is not None:
         for p, s in _optim.to_torch_state(opt, state, ref).items():
             torch_opt.state[p] = s
-    diffopt = higher.optim.get_diff_optim(torch_opt, ref, track_higher_grads=True)
+    with _quiet_higher():
+        diffopt = higher.optim.get_diff_optim(torch_opt, ref, track_higher_grads=True)
     params: list[Tensor] = ref
     step0 = 0 if state is None else int(state.step)
     for i, batch in enumerate(batches):
@@ -384,7 +401,8 @@ def _reverse_higher(
             # ε' = ε·sqrt(1-β2^t) makes it today's torch.optim.Adam exactly.
             bc2 = 1 - hp["betas"][1] ** (step0 + i + 1)
             override = {"eps": [hp["eps"] * math.sqrt(bc2)]}
-        params = list(diffopt.step(loss, params=params, override=override))
+        with _quiet_higher():
+            params = list(diffopt.step(loss, params=params, override=override))
     vloss = _scalar(val_loss(dict(zip(names, params)), val_batch), "val_loss")
     hg = torch.autograd.grad(vloss, list(meta.values()), allow_unused=True)
     return _finish(hg, meta, params, names, vloss)
