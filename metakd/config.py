@@ -164,12 +164,33 @@ class TrainConfig(_Strict):
     )
 
 
+class ImplicitConfig(_Strict):
+    """meta.hypergrad.method=implicit: the IFT solve (metakd.implicit.ImplicitSolver)."""
+
+    solver: Literal["cg", "neumann"] = Field(
+        default="cg",
+        description="inverse-Hessian-vector product: conjugate gradient | Neumann series",
+    )
+    iterations: int = Field(default=20, ge=1, description="Hessian-vector products of the solve")
+    damping: float = Field(default=0.0, ge=0, description="δ added to the Hessian (δ·I)")
+    neumann_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Neumann step α < 2/λ_max; None: train.lr (SGD students only)",
+    )
+    hvp: Literal["autograd", "func"] = Field(
+        default="autograd", description="Hessian-vector products: double backward | torch.func jvp"
+    )
+
+
 class HypergradConfig(_Strict):
     method: str = Field(
         default="reverse",
         description="reverse | forward | finite-difference: through a look-ahead unroll of meta.unroll "
         "steps; online: forward-mode tangents carried along the real training steps (the whole "
         "history; under meta.method=forecast only the current optimize block's; meta.unroll unused); "
+        "implicit: the implicit-function-theorem hypergradient at the current weights, L_train over "
+        "the next meta.unroll batches (meta.hypergrad.implicit); "
         "any key of metakd.methods.available() or a 'package.module:ClassName' path",
     )
     backend: Literal["func", "torchopt", "higher"] = "func"
@@ -189,6 +210,7 @@ class HypergradConfig(_Strict):
     unroll_lr: float | None = Field(
         default=None, gt=0, description="learning rate of the sgd surrogate; None: train.lr"
     )
+    implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
 
     @field_validator("method")
     @classmethod

@@ -16,8 +16,8 @@ from metakd.trainer import Trainer
 
 def test_registry_lists_builtins_refuses_duplicates_and_names_the_valid_keys():
     assert methods.available() == {
-        "finite-difference": "builtin", "forward": "builtin", "online": "builtin",
-        "reverse": "builtin",
+        "finite-difference": "builtin", "forward": "builtin", "implicit": "builtin",
+        "online": "builtin", "reverse": "builtin",
     }  # fmt: skip
     assert methods.get("forward") is LookAhead and methods.get("online") is Online
     with pytest.raises(ValueError, match=r"'reverse' is already registered \(builtin\)"):

@@ -481,3 +481,68 @@ def test_online_needs_the_real_optimizer():
     load_config(None, ["meta.method=forecast", "meta.hypergrad.method=online"])
     with pytest.raises(ConfigError, match="unroll_optimizer=match"):
         load_config(None, ["meta.hypergrad.method=online", "meta.hypergrad.unroll_optimizer=sgd"])
+
+
+def test_implicit_hypergradient_at_a_stationary_point_is_the_limit_of_long_unrolls(task):
+    """meta.hypergrad.method=implicit at weights w* that minimise L_train + wd/2‖w‖² on the full train
+    batch (SGD student with weight decay: its fixed points) against an independent engine: the reverse
+    unroll of 400 steps started at w*, whose dw/dλ tends to the IFT's −A⁻¹∂r/∂λ (the fixed point does
+    not depend on the unroll's learning rate, so a larger one converges faster)."""
+    splits, logits = task
+    cfg = _cfg(
+        "meta.method=hypergrad", "meta.hypergrad.method=implicit", "train.optimizer=sgd",
+        "train.weight_decay=0.1", "train.batch_size=15", "meta.unroll=1",
+        "meta.hypergrad.implicit.iterations=50",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    batch = trainer.batch(0)
+    fit = optim.sgd(0.5, weight_decay=0.1)
+    w = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state = fit.init(w)
+    raw = {n: v.detach() for n, v in trainer.meta.raw.items()}
+    for _ in range(3000):
+        leaves = {n: p.requires_grad_(True) for n, p in ((n, p.detach()) for n, p in w.items())}
+        g = torch.autograd.grad(trainer.train_loss(leaves, raw, batch), list(leaves.values()))
+        w, state = fit.update(
+            dict(zip(leaves, g)), state, {n: p.detach() for n, p in leaves.items()}
+        )
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            p.copy_(w[n])
+    grads, finite = trainer.hypergradient(0)
+    assert finite
+    res = trainer.schedule.method.last
+    assert res is not None and res.stationarity < 1e-5 and res.solve_residual < 1e-5
+    ref = metakd.hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, w, trainer.meta.raw, [batch] * 400,
+        trainer.val_batch(0), optimizer=fit, method="reverse",
+    )  # fmt: skip
+    for n in grads:
+        assert float(ref.grads[n].abs()) > 1e-4, n
+        assert float(grads[n]) == pytest.approx(float(ref.grads[n]), rel=2e-3), n
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_implicit_run_trains_and_moves_lambda(task, solver):
+    trainer, rows, summary = _run(
+        task, "meta.method=hypergrad", "meta.hypergrad.method=implicit", "train.optimizer=sgd",
+        "train.weight_decay=0.01", "meta.unroll=2", "train.epochs=10",
+        f"meta.hypergrad.implicit.solver={solver}", "meta.hypergrad.implicit.iterations=5",
+        "meta.hypergrad.implicit.damping=0.1",
+    )  # fmt: skip
+    assert summary["hypergradient_steps"] == trainer.total_steps
+    assert summary["meta"] != rows[0]["meta"] and all(_in_range(r["meta"]) for r in rows)
+    assert all(r["hypergrad_norm"] is not None for r in rows if not r.get("_eval"))
+    assert summary["test_accuracy"] is not None and summary["skipped_meta_steps"] == 0
+
+
+def test_implicit_config_errors_name_the_key(task):
+    splits, logits = task
+    cfg = _cfg("meta.hypergrad.method=implicit", "meta.hypergrad.implicit.solver=neumann")
+    with pytest.raises(ConfigError, match=r"meta\.hypergrad\.implicit\.neumann_lr is required"):
+        Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)  # the default student uses Adam
+    with pytest.raises(ConfigError, match="iterations"):
+        _cfg("meta.hypergrad.method=implicit", "meta.hypergrad.implicit.iterations=0")
+    with pytest.raises(ConfigError, match="solver"):
+        _cfg("meta.hypergrad.implicit.solver=lbfgs")

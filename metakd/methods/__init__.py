@@ -10,21 +10,23 @@ key                    class                                            module
 reverse, forward,      :class:`~metakd.methods.lookahead.LookAhead`     ``methods/lookahead.py``
 finite-difference
 online                 :class:`~metakd.methods.online.Online`           ``methods/online.py``
+implicit               :class:`~metakd.methods.implicit.Implicit`       ``methods/implicit.py``
 hypergrad (schedule)   :class:`~metakd.methods.schedules.Continuous`    ``methods/schedules.py``
 forecast (schedule)    :class:`~metakd.methods.forecast.Forecast`       ``methods/forecast.py``
 baseline/fixed/random  :class:`~metakd.methods.schedules.Frozen`        ``methods/schedules.py``
 =====================  ===============================================  ==========================
 
-Adding a hypergradient method (e.g. ``meta.hypergrad.method=implicit``):
+Adding a hypergradient method (e.g. ``meta.hypergrad.method=mine``; ``methods/implicit.py`` is a
+short example):
 
-1. write ``metakd/methods/implicit.py`` with a subclass of :class:`HypergradMethod` decorated with
-   ``@register("implicit")``; implement ``hypergradient(step, *, train_steps=None, val_batch=None)
+1. write ``metakd/methods/mine.py`` with a subclass of :class:`HypergradMethod` decorated with
+   ``@register("mine")``; implement ``hypergradient(step, *, train_steps=None, val_batch=None)
    -> (grads, finite)`` from what the bound trainer offers (``self.trainer.model``, ``.optimizer``,
    ``.meta.raw``, ``.train_loss``, ``.val_loss``, ``.batch(s)``, ``.val_batch(s)``, ``.cfg``), and,
    only if it needs them, ``ready``, ``before_real_step``, ``real_step`` (return a loss to take the
    real step yourself, e.g. fused with a tangent step; None for the trainer's plain step),
    ``after_real_step``, ``state_dict``/``load_state_dict``; set ``unroll`` if it unrolls a look-ahead;
-2. add ``from metakd.methods import implicit`` below (the registry entry is the decorator);
+2. add ``from metakd.methods import mine`` below (the registry entry is the decorator);
 3. test it alone: build a ``Trainer`` on a tiny task with the key and compare ``trainer.hypergradient``
    against an independent reference (tests/test_trainer.py has the pattern).
 
@@ -36,9 +38,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from metakd.config import ConfigError
-from metakd.methods import forecast, lookahead, online, schedules
+from metakd.methods import forecast, implicit, lookahead, online, schedules
 from metakd.methods.base import Grads, HypergradMethod
 from metakd.methods.forecast import Forecast
+from metakd.methods.implicit import Implicit
 from metakd.methods.lookahead import LookAhead
 from metakd.methods.online import Online
 from metakd.methods.registry import available, get, register
@@ -53,6 +56,7 @@ __all__ = [
     "Frozen",
     "Grads",
     "HypergradMethod",
+    "Implicit",
     "LookAhead",
     "MetaSchedule",
     "Online",
@@ -60,6 +64,7 @@ __all__ = [
     "build_schedule",
     "forecast",
     "get",
+    "implicit",
     "lookahead",
     "online",
     "register",
