@@ -15,8 +15,10 @@ TEACHER=${2:?the cifar_tiny teacher checkpoint, e.g. runs/cpu100/teacher.pt}
 FINDER=${3:-25}
 STEP=${4:-all}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
+# EXTRA: more overrides, e.g. a dry run on tiny data:
+#   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" bash benchmarks/search_cifar.sh /tmp/dry T.pt 1
 C=(configs/cifar10.yaml "teacher.checkpoint=$TEACHER" train.epochs=100 train.checkpoint_every=5
-   train.normalize_weights=true device=cpu)
+   train.normalize_weights=true device=cpu ${EXTRA:-})
 S=(--retrain-seeds 0,1,2,3,4 --wandb disabled -q)
 two() {  # NAME ARGS...: two workers on one study, then the retrains (the study is finished by then)
   local name=$1; shift
