@@ -584,6 +584,9 @@ def parse_seeds(text: str, first: int = 0) -> list[int]:
         raise ConfigError(f"--seeds needs a count (5) or a list (0,1,2), got {text!r}") from None
     if not seeds:
         raise ConfigError(f"--seeds gave no seeds: {text!r}")
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise ConfigError(f"--seeds {text!r}: seeds must be 0 .. 2**32 - 1, got {bad}")
     return seeds
 
 

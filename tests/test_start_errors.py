@@ -95,3 +95,13 @@ def test_a_failed_start_writes_its_error_into_run_log(tmp_path, monkeypatch):
         train_run(_cfg(tmp_path), out)
     log = (out / "run.log").read_text()
     assert "ERROR metakd.run: run failed: ValueError: data.root holds no images" in log
+
+
+def test_experiment_seeds_out_of_range_are_refused():
+    from metakd_cli.main import parse_seeds
+
+    with pytest.raises(ConfigError, match=r"seeds must be 0 \.\. 2\*\*32 - 1, got \[-1\]"):
+        parse_seeds("-1,2")
+    with pytest.raises(ConfigError, match="4294967296"):
+        parse_seeds("2", first=2**32 - 1)
+    assert parse_seeds("2", first=2**32 - 2) == [2**32 - 2, 2**32 - 1]
