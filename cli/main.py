@@ -130,6 +130,15 @@ WandbOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bars or info messages (stderr).")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch intra-op threads per run (default: 1 for small models, else torch's; "
+        "OMP_NUM_THREADS is honoured).",
+    ),
+]
 
 
 def _version_callback(value: bool) -> None:
@@ -395,6 +404,7 @@ def train(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train one student with tuned distillation metaparameters (one run).
 
@@ -416,6 +426,10 @@ def train(
 
         from metakd.run import train_run
 
+        if threads is not None:
+            from metakd.threads import set_threads
+
+            set_threads(threads)
         progress = ProgressCallback(quiet=quiet, console=console)
         tracker = WandbCallback(cfg, cfg.out, quiet=quiet)
         ok = False
@@ -633,6 +647,7 @@ def experiment(
     device: DeviceOpt = None,
     wandb: WandbOpt = None,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a grid of methods × seeds and tabulate the results."""
     from metakd.progress import ExperimentProgress
@@ -664,6 +679,7 @@ def experiment(
                     workers=1,
                     callbacks_factory=factory,
                     quiet=True,
+                    threads=threads,
                 )
         else:
             rows = run_experiment(
@@ -674,6 +690,7 @@ def experiment(
                 workers=workers,
                 callbacks_factory=WandbRunCallbacks(quiet),
                 quiet=quiet,
+                threads=threads,
             )
     results = out_dir / "results.md"
     if results.is_file():

@@ -122,10 +122,11 @@ def _execute(
     return _label(job.run_dir, dict(summary), job.method)
 
 
-def _init_worker(threads: int) -> None:
-    import torch
+def _init_worker(threads: int, chosen: bool) -> None:
+    from metakd import threads as _threads
 
-    torch.set_num_threads(threads)
+    # the user's --threads is kept; a share of the cores is a default each run may lower
+    (_threads.set_threads if chosen else _threads.set_default_threads)(threads)
 
 
 def _cores() -> int:
@@ -173,6 +174,7 @@ def run_experiment(
     callbacks_factory: CallbacksFactory | None = None,
     quiet: bool = False,
     train_fn: TrainFn | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``methods × seeds`` into ``out_dir/<method>/seed-<s>/`` and write the results tables.
 
@@ -180,7 +182,8 @@ def run_experiment(
     (``<cfg.name>-<method>``) and ``wandb.tags`` set; ``optimal`` also gets ``meta.values`` from the
     same seed's hypergrad run and is started once that run is done. Finished runs (``summary.json``
     present) are skipped; unfinished run directories are resumed. ``workers > 1`` runs the cells
-    in a process pool (spawn), each worker with ``max(1, cores // workers)`` torch threads; then
+    in a process pool (spawn), each worker with ``threads`` torch threads (default ``max(1, cores //
+    workers)``, which a run of a small model lowers to 1: :mod:`metakd.threads`); then
     ``callbacks_factory(run_cfg, run_dir) -> callbacks`` and ``train_fn`` must be picklable
     (module-level functions). ``train_fn`` defaults to :func:`metakd.run.train_run`.
 
@@ -198,6 +201,8 @@ def run_experiment(
         raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     out = Path(out_dir)
     if "optimal" in methods and "hypergrad" not in methods:
         missing = [s for s in seeds if not _finished(run_dir_for(out, "hypergrad", s))]
@@ -208,12 +213,15 @@ def run_experiment(
             )
     out.mkdir(parents=True, exist_ok=True)
     with lock_dir(out):  # a second experiment on the same --out is refused, naming this PID
-        return _run_grid(cfg, methods, seeds, out, workers, callbacks_factory, quiet, train_fn)
+        return _run_grid(
+            cfg, methods, seeds, out, workers, callbacks_factory, quiet, train_fn, threads
+        )
 
 
 def _run_grid(
     cfg: Config, methods: list[str], seeds: list[int], out: Path, workers: int,
     callbacks_factory: CallbacksFactory | None, quiet: bool, train_fn: TrainFn | None,
+    threads: int | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The body of :func:`run_experiment`, run while holding the lock on ``out``."""
 
@@ -243,16 +251,20 @@ def _run_grid(
     first = [m for m in methods if m != "optimal"]
     cells = [(m, s) for s in seeds for m in first]
     if workers == 1:
+        if threads is not None:
+            from metakd.threads import set_threads
+
+            set_threads(threads)
         for m, s in cells + [("optimal", s) for s in seeds if "optimal" in methods]:
             job = job_for(m, s)
             if job is not None:
                 finished(job, _execute(job, train_fn, callbacks_factory))
     else:
-        threads = max(1, _cores() // workers)
+        share = threads if threads is not None else max(1, _cores() // workers)
         ctx = multiprocessing.get_context("spawn")
         failures: list[tuple[str, int, BaseException]] = []
         with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(share, threads is not None)
         ) as pool:
             running: dict[Future[dict], _Job] = {}
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 import metakd
-from metakd import data, hypergrad, ledger, losses, models, optim, plugins, teacher
+from metakd import data, hypergrad, ledger, losses, models, optim, plugins, teacher, threads
 from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
 from metakd.status import StatusLine
@@ -163,12 +163,35 @@ def _teacher_progress(callbacks: Sequence[Callback]) -> teacher.ProgressFactory:
     return factory
 
 
+def _work_size(cfg: Config, splits: Any) -> int:
+    """:func:`metakd.threads.work_size` of a run's student step (from the data, before the model)."""
+    n_train = int(splits.train.y.shape[0])
+    rows = n_train if cfg.train.batch_size is None else min(cfg.train.batch_size, n_train)
+    shape = tuple(int(s) for s in splits.train.x.shape[1:])
+    try:  # the parameter count without allocating; the RNG is left as it was
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            n_params = sum(
+                p.numel()
+                for p in models.build_model(cfg.student, shape, splits.num_classes).parameters()
+            )
+    except Exception:  # a user model that cannot be built on the meta device: count the data only
+        n_params = 0
+    return threads.work_size(rows, shape, n_params)
+
+
 def _build(
-    cfg: Config, device: torch.device, callbacks: Sequence[Callback] = ()
+    cfg: Config,
+    device: torch.device,
+    callbacks: Sequence[Callback] = (),
+    stack: contextlib.ExitStack | None = None,
 ) -> tuple[Any, dict[str, Tensor] | None, torch.nn.Module]:
-    """(splits, teacher logits or None for baseline, seeded student on ``device``)."""
+    """(splits, teacher logits or None for baseline, seeded student on ``device``). With ``stack``,
+    torch's threads are chosen for the run from its work size (:mod:`metakd.threads`) until the
+    stack closes."""
     seed_everything(cfg.seed)
     splits = data.load_data(cfg.data, cfg.seed, device)
+    if stack is not None and device.type == "cpu":
+        stack.enter_context(threads.run_threads(_work_size(cfg, splits)))
     logits = None
     if cfg.meta.method != "baseline":
         logits = teacher.teacher_logits(cfg, splits, device, progress=_teacher_progress(callbacks))
@@ -266,9 +289,9 @@ def train_run(
     with rd.lock():  # a second process on the same run directory is refused, naming this PID
         rd.remove_orphans()
         rd.write_config(cfg, resume=resume)
-        with rd.attach_log():
+        with rd.attach_log(), contextlib.ExitStack() as stack:
             try:
-                return _train(cfg, rd, device, resume, callbacks, command)
+                return _train(cfg, rd, device, resume, callbacks, command, stack)
             except BaseException as exc:
                 if not isinstance(exc, FloatingPointError):  # _train logged that one already
                     _record_failure(rd, exc)
@@ -307,7 +330,7 @@ def _record_failure(rd: RunDir, exc: BaseException) -> None:
 
 def _train(
     cfg: Config, rd: RunDir, device: torch.device, resume: bool, callbacks: Sequence[Callback],
-    command: str | None,
+    command: str | None, stack: contextlib.ExitStack,
 ) -> dict[str, Any]:  # fmt: skip
     ckpt = rd.load_checkpoint(required=("trainer", "rng")) if resume else None
     cpu_base = float(ckpt.get("cpu_seconds", 0.0)) if ckpt is not None else 0.0
@@ -321,7 +344,7 @@ def _train(
         for p in rd.checkpoints():
             p.unlink()
         rd.summary_path.unlink(missing_ok=True)
-    splits, logits, model = _build(cfg, device, callbacks)
+    splits, logits, model = _build(cfg, device, callbacks, stack)
     writer = _MetricsWriter(rd)
     trainer = Trainer(cfg, model, splits, logits, device=device, callbacks=[writer, *callbacks])
     fingerprint = str(splits.info.get("fingerprint", ""))

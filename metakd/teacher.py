@@ -376,7 +376,7 @@ def teacher_logits(
             _check_compatible(ckpt, info, splits)
         else:
             log.info(
-                "teacher: training the %s on %d examples; its logits are cached in %s for later "
+                "teacher: training the %s (%d examples); its logits are cached in %s for later "
                 "runs with this teacher config, seed and data",
                 what, len(splits.teacher), path,
             )  # fmt: skip

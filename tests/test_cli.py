@@ -300,8 +300,9 @@ def test_experiment_passes_the_grid(monkeypatch, tmp_path):
     seen = {}
 
     def run_experiment(cfg, *, methods, seeds, out_dir, workers=1, callbacks_factory=None,
-                       quiet=False):  # fmt: skip
-        seen.update(cfg=cfg, methods=methods, seeds=seeds, out_dir=out_dir, workers=workers)
+                       quiet=False, threads=None):  # fmt: skip
+        seen.update(cfg=cfg, methods=methods, seeds=seeds, out_dir=out_dir, workers=workers,
+                    threads=threads)  # fmt: skip
         seen["callbacks"] = callbacks_factory(cfg, Path(out_dir) / "x")
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "results.md").write_text(
@@ -313,8 +314,9 @@ def test_experiment_passes_the_grid(monkeypatch, tmp_path):
     out = tmp_path / "exp"
     result = invoke("experiment", ROOT / "configs" / "synthetic.yaml", "train.epochs=5",
                     "--seeds", "3", "--seed", "10", "--methods", "baseline,hypergrad",
-                    "--out", out, "--wandb", "disabled", "-q")  # fmt: skip
+                    "--out", out, "--wandb", "disabled", "-q", "--threads", "3")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert seen["threads"] == 3
     assert seen["methods"] == ["baseline", "hypergrad"] and seen["seeds"] == [10, 11, 12]
     assert seen["out_dir"] == out and seen["cfg"].train.epochs == 5
     from metakd.progress import ProgressCallback
