@@ -818,11 +818,28 @@ def bench(
             "python -m metakd.bench_scaling for its other options).",
         ),
     ] = False,
+    step: Annotated[
+        bool,
+        typer.Option(
+            "--step",
+            help="Instead: the Trainer's step against a minimal eager loop of the same math, "
+            "synthetic default and CIFAR student, and online vs plain (metakd.bench_e2e, CPU).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Time and measure memory of hypergradients for several unroll lengths η."""
     _setup_logging(quiet)
     with _user_errors():
+        if step:
+            from metakd.bench_e2e import run_step_bench
+            from metakd.threads import set_threads
+
+            set_threads(threads or 1)
+            run_step_bench(out=out, quiet=quiet)
+            if out is not None:
+                err_console.print(f"Results written to {out}", soft_wrap=True)
+            return
         if scaling:
             from metakd.bench_scaling import run_scaling_bench
 

@@ -161,9 +161,10 @@ def _finish(
         k: (torch.zeros_like(v) if g is None else g.detach().reshape(v.shape))
         for (k, v), g in zip(meta.items(), grads)
     }
-    finite = all(bool(torch.isfinite(g).all()) for g in out.values()) and math.isfinite(
-        vloss.item()
-    )
+    value = float(vloss.detach())
+    # one finiteness check (one host sync) over every entry, not one per metaparameter
+    flat = [g.reshape(-1) for g in out.values()]
+    finite = math.isfinite(value) and bool(torch.isfinite(torch.cat(flat)).all())
     if not finite:
         warnings.warn(
             "non-finite hypergradient (NaN/inf): check the learning rates, the temperature range "
@@ -175,7 +176,7 @@ def _finish(
     return HypergradResult(
         grads=out,
         params={k: p.detach() for k, p in zip(names, plist)},
-        val_loss=float(vloss.item()),
+        val_loss=value,
         finite=finite,
         opt_state=_detach_state(state) if state is not None else None,
     )

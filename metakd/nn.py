@@ -70,8 +70,10 @@ class FunctionalModel:
         return out
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        # (None buffers are accepted by functional_call; its annotation says Tensor)
-        tensors: dict[str, Any] = {**self.buffers(), **params}
+        # (None buffers are accepted by functional_call; its annotation says Tensor); a module without
+        # buffers skips building their dict
+        has_buffers = next(self.module.buffers(), None) is not None
+        tensors: dict[str, Any] = {**self.buffers(), **params} if has_buffers else dict(params)
         if self._bn_buffers and self.module.training and _DOUBLE_BACKWARD_BN.get() is True:
             with _BatchNormTrainMode():
                 return functional_call(self.module, tensors, (x,), strict=False)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DISTILLATION_NAMES = ("beta1", "beta2", "temperature")
 _EVAL_CHUNK = 2048
+_FOREACH_MIN_TENSORS = 4
 
 
 class Callback:
@@ -83,8 +84,12 @@ class Callback:
 
 
 def _torch_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    params = list(params)
+    # torch's multi-tensor Adam gives the very same numbers as its per-tensor loop (the CPU default;
+    # tests/test_trainer.py) and is faster from a handful of tensors on; tiny models keep the loop
+    foreach = len(params) >= _FOREACH_MIN_TENSORS
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
     if cfg.nesterov and cfg.momentum == 0:
         raise ConfigError("train.nesterov=true needs train.momentum > 0 (e.g. train.momentum=0.9)")
     return torch.optim.SGD(
@@ -135,6 +140,7 @@ class Trainer:
         self.meta = None if self.method == "baseline" else self._init_meta()
         self._vector = MetaVector(self.meta) if self.meta is not None else None
         self.meta_opt = self._meta_optimizer() if self.method in ("hypergrad", "forecast") else None
+        self._plain_meta_sgd = cfg.meta.optimizer == "sgd" and cfg.meta.momentum == 0
         self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
         # The meta step's seam (metakd.methods): when meta steps happen, and how dL_val/dλ is computed.
         self.schedule: MetaSchedule = build_schedule(self)
@@ -293,14 +299,33 @@ class Trainer:
         """Clip (norm over all metaparameters) and step the meta optimizer on raw λ; clamp."""
         assert self.meta is not None and self.meta_opt is not None
         params = [self.meta.raw[n] for n in self.meta.names]
-        for p, n in zip(params, self.meta.names, strict=True):
-            p.grad = grads[n].detach().reshape(p.shape).to(p.device, p.dtype).clone()
-        if self.cfg.meta.clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.clip)
+        lr = self.meta_lr(self.step)
         for group in self.meta_opt.param_groups:
-            group["lr"] = self.meta_lr(self.step)
-        self.meta_opt.step()
-        self.meta_opt.zero_grad(set_to_none=True)
+            group["lr"] = lr
+        g = [
+            grads[n].detach().reshape(p.shape).to(p.device, p.dtype)
+            for p, n in zip(params, self.meta.names, strict=True)
+        ]
+        if self._plain_meta_sgd:
+            # torch.optim.SGD (momentum 0) after clip_grad_norm_, op for op, without their per-step
+            # Python (hooks, .grad bookkeeping: most of a tiny model's meta update; bit-identical,
+            # tests/test_trainer.py)
+            with torch.no_grad():
+                if self.cfg.meta.clip is not None:
+                    total = torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(x) for x in g])
+                    )
+                    coef = torch.clamp(self.cfg.meta.clip / (total + 1e-6), max=1.0)
+                    g = [x * coef for x in g]
+                for p, x in zip(params, g):
+                    p.add_(x, alpha=-lr)
+        else:
+            for p, x in zip(params, g):
+                p.grad = x.clone()
+            if self.cfg.meta.clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.clip)
+            self.meta_opt.step()
+            self.meta_opt.zero_grad(set_to_none=True)
         self.meta.clamp_()
 
     def meta_lr(self, step: int) -> float:
@@ -314,7 +339,8 @@ class Trainer:
         """One step of the real torch optimizer on L_train(w, λ) at the current λ; the loss (no step
         when it is not finite)."""
         x, y, t = batch
-        lam = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in self.lambdas().items()}
+        with torch.no_grad():
+            lam = self.lambdas()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(self.model(x), y, t, lam)
         value = float(loss.detach())

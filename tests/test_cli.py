@@ -10,9 +10,11 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
+import metakd.threads
 from metakd import __version__
 from metakd.config import config_to_dict, load_config
 from metakd_cli.main import app, parse_seeds, split_args
@@ -377,6 +379,15 @@ def test_bench_command(monkeypatch, tmp_path):
     assert seen["e2e"] == ("cifar_very_tiny", "auto", 1, None)
     result = invoke("bench", "--etas", "1,x")
     assert result.exit_code == 2 and "--etas" in result.stderr
+    step = types.ModuleType("metakd.bench_e2e")
+    step.run_step_bench = lambda *, out=None, quiet=False: seen.update(step=(out, quiet))
+    monkeypatch.setitem(sys.modules, "metakd.bench_e2e", step)
+    monkeypatch.setitem(metakd.threads._state, "user", None)
+    old_threads = torch.get_num_threads()
+    result = invoke("bench", "--step", "--out", tmp_path, "--threads", "1")
+    torch.set_num_threads(old_threads)
+    assert result.exit_code == 0, result.output
+    assert seen["step"] == (tmp_path, False)
 
 
 def test_check_grad_table_and_exit_code(monkeypatch):

@@ -546,3 +546,52 @@ def test_implicit_config_errors_name_the_key(task):
         _cfg("meta.hypergrad.method=implicit", "meta.hypergrad.implicit.iterations=0")
     with pytest.raises(ConfigError, match="solver"):
         _cfg("meta.hypergrad.implicit.solver=lbfgs")
+
+
+@pytest.mark.parametrize("clip", ["1.0", "100.0", "null"])
+def test_meta_sgd_fast_path_is_torch_sgd_after_clip_grad_norm(task, clip):
+    """apply_meta_grad's hand-written SGD step (momentum 0) against torch.optim.SGD after
+    torch.nn.utils.clip_grad_norm_: bit-identical raw λ over several steps."""
+    splits, logits = task
+    cfg = _cfg(f"meta.clip={clip}", "meta.lr=0.7")
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    assert trainer._plain_meta_sgd and trainer.meta is not None
+    ref = [trainer.meta.raw[n].detach().clone().requires_grad_(True) for n in trainer.meta.names]
+    ref_opt = torch.optim.SGD(ref, lr=0.7)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = {n: 3 * torch.randn((), generator=gen) for n in trainer.meta.names}
+        trainer.apply_meta_grad(grads)
+        for p, n in zip(ref, trainer.meta.names):
+            p.grad = grads[n].clone()
+        if cfg.meta.clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref, cfg.meta.clip)
+        ref_opt.step()
+        for p, n in zip(ref, trainer.meta.names):
+            assert torch.equal(trainer.meta.raw[n].detach(), p.detach())
+
+
+def test_the_real_optimizer_is_torch_adam_with_its_numbers():
+    """Models with many parameter tensors take torch's multi-tensor Adam: the same numbers as its
+    default per-tensor loop (what the trainer ran before)."""
+    from metakd.config import ModelConfig
+    from metakd.models import build_model
+    from metakd.trainer import _torch_optimizer
+
+    model = build_model(ModelConfig(name="cifar_very_tiny"), (3, 32, 32), 10)
+    ref = copy.deepcopy(model)
+    opt = _torch_optimizer(Config().train, model.parameters())
+    assert opt.param_groups[0]["foreach"] is True
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=Config().train.lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not _torch_optimizer(Config().train, torch.nn.Linear(3, 2).parameters()).param_groups[0][
+        "foreach"
+    ]
