@@ -67,6 +67,7 @@ __all__ = ["ENGINES", "EXTERNAL_ENGINES", "run_bench", "run_epoch_bench"]
 ENGINES = (
     "plain",
     "metakd/reverse",
+    "metakd/reverse-fcall",
     "metakd/reverse-stockbn",
     "metakd/reverse-checkpoint",
     "metakd/reverse-torchopt",
@@ -161,6 +162,26 @@ def _metakd(**kw: Any) -> Runner:
     return run
 
 
+def _metakd_fcall(case: _Case) -> Tensor:
+    """``metakd/reverse`` with losses written as torchopt users do (a plain ``functional_call`` of the
+    module with its own buffers, no FunctionalModel): the engine's BatchNormRouter takes the fast path."""
+    from torch.func import functional_call
+
+    def train_loss(p: dict[str, Tensor], m: dict[str, Tensor], batch: Any) -> Tensor:
+        return _distill(
+            functional_call(case.module, p, (batch[0],)), batch[1], batch[2], case.lam(m)
+        )
+
+    def val_loss(p: dict[str, Tensor], batch: Any) -> Tensor:
+        return cross_entropy(functional_call(case.module, p, (batch[0],)), batch[1])
+
+    res = hypergradient(
+        train_loss, val_loss, case.params, case.meta, case.batches, case.val_batch,
+        optim.sgd(INNER_LR),
+    )  # fmt: skip
+    return torch.stack([res.grads[k] for k in case.meta])
+
+
 def _stock_bn(run: Runner) -> Runner:
     """``run`` with the stock BatchNorm double backward (metakd.nn.double_backward_batchnorm(False))."""
 
@@ -218,6 +239,7 @@ def _torchopt(case: _Case) -> Tensor:
 _RUNNERS: dict[str, Runner] = {
     "plain": _plain,
     "metakd/reverse": _metakd(method="reverse"),
+    "metakd/reverse-fcall": _metakd_fcall,
     "metakd/reverse-stockbn": _stock_bn(_metakd(method="reverse")),
     "metakd/reverse-checkpoint": _metakd(method="reverse", checkpoint=True),
     "metakd/reverse-torchopt": _metakd(method="reverse", backend="torchopt"),
@@ -426,6 +448,9 @@ def _ratios(rows: list[dict[str, Any]], etas: Sequence[int]) -> list[dict[str, A
             entry["reverse/higher" + suffix] = _ratio(rev, t("higher"))
             entry["reverse/torchopt" + suffix] = _ratio(rev, t("torchopt"))
             entry["reverse/best_external" + suffix] = _ratio(rev, min(ext) if ext else None)
+            entry["fcall/best_external" + suffix] = _ratio(
+                t("metakd/reverse-fcall"), min(ext) if ext else None
+            )
             entry["reverse/plain" + suffix] = _ratio(rev, t("plain"))
             entry["forward/reverse" + suffix] = _ratio(t("metakd/forward"), rev)
             entry["checkpoint/reverse" + suffix] = _ratio(t("metakd/reverse-checkpoint"), rev)
@@ -683,8 +708,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                 cells_m.append(_fmt(r["peak_mem_mib"], ".0f"))
         lines.append(f"| {n} | " + " | ".join(cells_t + cells_m) + " |")
     keys = [
-        "reverse/best_external", "reverse/higher", "reverse/torchopt", "reverse/plain",
-        "forward/reverse", "checkpoint/reverse", "reverse/stockbn",
+        "reverse/best_external", "fcall/best_external", "reverse/higher", "reverse/torchopt",
+        "reverse/plain", "forward/reverse", "checkpoint/reverse", "reverse/stockbn",
     ]  # fmt: skip
     lines += [
         "",

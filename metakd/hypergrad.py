@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from metakd import optim as _optim
-from metakd.nn import double_backward_batchnorm
+from metakd.nn import BatchNormRouter, double_backward_batchnorm
 
 __all__ = [
     "BACKENDS",
@@ -517,7 +517,8 @@ def tangent_step(
     w = [p.clone().requires_grad_(True) for p in p0]
     r = [v.detach().clone().requires_grad_(True) for v in meta.values()]
     with double_backward_batchnorm(default=True):
-        loss = _scalar(train_loss(dict(zip(names, w)), dict(zip(mnames, r)), batch), "train_loss")
+        routed = BatchNormRouter().wrap(train_loss)
+        loss = _scalar(routed(dict(zip(names, w)), dict(zip(mnames, r)), batch), "train_loss")
         gw = torch.autograd.grad(loss, w, create_graph=True)
         gr = torch.autograd.grad(loss, r, create_graph=True, allow_unused=True)
         flat_gr = [
@@ -717,8 +718,11 @@ def hypergradient(
         )
     if backend == "func":
         engine = _reverse_checkpointed if checkpoint else _reverse_func
-        # BatchNorm layers of a FunctionalModel get the closed-form double backward (metakd.nn).
+        # Train-mode BatchNorm layers of any model the losses evaluate get the closed-form double
+        # backward (metakd.nn: FunctionalModel routes its own, BatchNormRouter everything else).
         with double_backward_batchnorm(default=True):
-            return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)
+            router = BatchNormRouter()
+            tl, vl = router.wrap(train_loss), router.wrap(val_loss)
+            return engine(tl, vl, names, w0, meta_d, batches, val_batch, opt, state)
     engine = _reverse_torchopt if backend == "torchopt" else _reverse_higher
     return engine(train_loss, val_loss, names, w0, meta_d, batches, val_batch, opt, state)

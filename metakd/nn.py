@@ -19,14 +19,17 @@ layer and unrolled step of the CIFAR student (``benchmarks/profile_batchnorm.py`
 training-mode BatchNorm (batch statistics, native kernels forward and backward) whose backward is
 itself a function with a closed-form vector-Jacobian product, 9 such ops (formulas in
 ``_BatchNormTrainBackward``; checked by ``gradgradcheck`` in the tests). Inside
-:func:`double_backward_batchnorm` (the reverse engine enters it), train-mode :class:`FunctionalModel`
-calls route ``F.batch_norm`` through it; everywhere else (real steps, eval, ``torch.func`` transforms of
-the forward mode) the stock kernels run.
+:func:`double_backward_batchnorm` (the reverse engine and the tangent step enter it), train-mode
+:class:`FunctionalModel` calls route ``F.batch_norm`` through it, and so do the losses the engines
+evaluate (:class:`BatchNormRouter`: any model, e.g. a plain ``torch.func.functional_call``, running
+statistics updated as by the stock call); everywhere else (real steps, eval, ``torch.func`` transforms)
+the stock kernels run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -38,7 +41,7 @@ from torch.autograd import Function
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FunctionalModel", "batch_norm_train", "double_backward_batchnorm"]
+__all__ = ["BatchNormRouter", "FunctionalModel", "batch_norm_train", "double_backward_batchnorm"]
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -121,13 +124,23 @@ def _channel(v: Tensor, like: Tensor) -> Tensor:
 
 
 class _BatchNormTrain(Function):
-    """y = γ·x̂ + β, x̂ = (x - μ)·r, μ and r = (σ² + ε)^-1/2 the per-channel batch statistics."""
+    """y = γ·x̂ + β, x̂ = (x - μ)·r, μ and r = (σ² + ε)^-1/2 the per-channel batch statistics; running
+    statistics, when given, are updated in place by the same native kernel as the stock BatchNorm's."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
     ) -> Tensor:
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        y, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         return y
@@ -137,7 +150,7 @@ class _BatchNormTrain(Function):
         x, weight, mean, invstd = ctx.saved_tensors
         gx, gw, gb = _BatchNormTrainBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
         need = ctx.needs_input_grad
-        return gx, (gw if need[1] else None), (gb if need[2] else None), None
+        return gx, (gw if need[1] else None), (gb if need[2] else None), None, None, None, None
 
 
 def _will_use(ctx: Any, i: int) -> bool:
@@ -227,18 +240,27 @@ class _BatchNormTrainBackward(Function):
 
 
 def batch_norm_train(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
 ) -> Tensor:
     """Training-mode BatchNorm over (N, C, ...) with batch statistics: y = γ·(x - μ)/sqrt(σ² + ε) + β.
 
-    Equal to ``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)`` (same kernels) but its
-    backward is differentiable with a closed-form vector-Jacobian product (``_BatchNormTrainBackward``),
-    which makes reverse-over-reverse hypergradients through BatchNorm layers cheaper.
-    Not for ``torch.func`` transforms (forward mode keeps the stock BatchNorm).
+    Equal to ``F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+    momentum=momentum, eps=eps)`` (same kernels; running statistics, when given, updated in place as
+    there) but its backward is differentiable with a closed-form vector-Jacobian product
+    (``_BatchNormTrainBackward``), which makes reverse-over-reverse hypergradients through BatchNorm
+    layers cheaper. Not for ``torch.func`` transforms (forward mode keeps the stock BatchNorm).
     """
     if x.dim() < 2:
         raise ValueError(f"batch_norm_train expects (N, C, ...) input, got shape {tuple(x.shape)}")
-    return _BatchNormTrain.apply(x, weight, bias, eps)  # type: ignore[no-any-return]
+    out = _BatchNormTrain.apply(x, weight, bias, eps, running_mean, running_var, momentum)
+    return out  # type: ignore[no-any-return]
 
 
 def _functorch_wrapped(x: Tensor) -> bool:
@@ -251,8 +273,11 @@ def _functorch_wrapped(x: Tensor) -> bool:
 
 
 class _BatchNormTrainMode(TorchFunctionMode):
-    """Routes ``F.batch_norm(training=True)`` without running statistics to :func:`batch_norm_train`
-    (only float32/float64 inputs on :data:`FAST_BN_DEVICES`); every other call runs unchanged."""
+    """Routes ``F.batch_norm(training=True)`` to :func:`batch_norm_train` (only float32/float64 inputs
+    on :data:`FAST_BN_DEVICES`; running statistics, when passed, are updated as by the stock call);
+    every other call runs unchanged. ``seen`` records whether a call was routed."""
+
+    seen = False
 
     _ARGS = (
         "input",
@@ -276,13 +301,81 @@ class _BatchNormTrainMode(TorchFunctionMode):
         if func is F.batch_norm:
             a = {**dict(zip(self._ARGS, args)), **kwargs}
             x = a["input"]
+            rm, rv = a.get("running_mean"), a.get("running_var")
             if (
                 a.get("training", False)
-                and a.get("running_mean") is None
-                and a.get("running_var") is None
+                and (rm is None) == (rv is None)
                 and x.dtype in (torch.float32, torch.float64)
                 and x.device.type in FAST_BN_DEVICES
                 and not _functorch_wrapped(x)
+                and _DOUBLE_BACKWARD_BN.get() is True
             ):
-                return batch_norm_train(x, a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
+                self.seen = True
+                momentum = a.get("momentum", 0.1)
+                return batch_norm_train(
+                    x, a.get("weight"), a.get("bias"), a.get("eps", 1e-5), running_mean=rm,
+                    running_var=rv, momentum=0.0 if momentum is None else momentum,
+                )  # fmt: skip
         return func(*args, **kwargs)
+
+
+class BatchNormRouter:
+    """Makes the closed-form BatchNorm double backward reach *any* model a loss evaluates inside a
+    hypergradient engine, not only :class:`FunctionalModel` (e.g. a user's
+    ``torch.func.functional_call`` of an ``nn.Sequential``, or a module called directly).
+
+    ``router.wrap(loss)`` returns the loss evaluated under a mode that routes train-mode
+    ``F.batch_norm`` to :func:`batch_norm_train` (values and running statistics as the stock call;
+    only inside :func:`double_backward_batchnorm` set True). A torch-function mode costs Python time on
+    every op (2.5 → 6 µs per op on this project's CPU), so the first call of a router probes: when it
+    met no BatchNorm outside a :class:`FunctionalModel` (which routes its own), the router's later
+    calls run without the mode, and the first loss it wraps remembers that (weakly, per function or
+    bound method), so later engine calls with the same loss skip the probe too. Values are the
+    same either way; only the speed of BatchNorm's double backward differs.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = _DOUBLE_BACKWARD_BN.get() is True
+        self.keep: bool | None = None  # None: not probed yet
+        self._first: tuple[Any, Any] | None = None
+
+    def wrap(self, fn: Any) -> Any:
+        """``fn`` (any callable) with train-mode BatchNorm routed as described above."""
+        if not self.enabled:
+            return fn
+        owner, key = _probe_key(fn)
+        if self._first is None:
+            self._first = (owner, key)
+            if self.keep is None and owner is not None:
+                self.keep = _PROBED.get(owner, {}).get(key)
+
+        def routed(*args: Any, **kwargs: Any) -> Any:
+            if self.keep is False:
+                return fn(*args, **kwargs)
+            mode = _BatchNormTrainMode()
+            with mode:
+                out = fn(*args, **kwargs)
+            if self.keep is None:
+                self.keep = mode.seen
+                first_owner, first_key = self._first or (None, None)
+                if first_owner is not None:
+                    _PROBED.setdefault(first_owner, {})[first_key] = mode.seen
+            return out
+
+        return routed
+
+
+# probe results of BatchNormRouter: {function or bound method's object: {function or None: met BN}}
+_PROBED: weakref.WeakKeyDictionary[Any, dict[Any, bool]] = weakref.WeakKeyDictionary()
+
+
+def _probe_key(fn: Any) -> tuple[Any, Any]:
+    """(weakly referenceable, hashable owner, key) of a callable for :data:`_PROBED`; (None, None)
+    when there is none (e.g. a bound method of an unhashable dataclass: probed on every call)."""
+    owner, key = (fn.__self__, fn.__func__) if hasattr(fn, "__func__") else (fn, None)
+    try:
+        weakref.ref(owner)
+        hash(owner)
+    except TypeError:
+        return None, None
+    return owner, key

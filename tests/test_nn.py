@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from metakd.nn import FunctionalModel, batch_norm_train, double_backward_batchnorm
 
@@ -148,3 +149,88 @@ def test_torch_func_transforms_inside_the_context_keep_the_stock_batchnorm():
         out = vmap(lambda x: fm(params, x))(xs)
     ref = torch.stack([fm(params, x) for x in xs])
     torch.testing.assert_close(out, ref)
+
+
+def test_batch_norm_train_updates_running_statistics_as_the_stock_call():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, 4, 4, generator=g, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    stats = [torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5]
+    ours_stats, ref_stats = [s.clone() for s in stats], [s.clone() for s in stats]
+    ours = batch_norm_train(
+        x, w, b, 1e-5, running_mean=ours_stats[0], running_var=ours_stats[1], momentum=0.3
+    )
+    ref = F.batch_norm(x, *ref_stats, w, b, training=True, momentum=0.3, eps=1e-5)
+    assert torch.equal(ours, ref)
+    assert all(torch.equal(a, r) for a, r in zip(ours_stats, ref_stats))
+
+
+def _sequential_bn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    ).double()
+
+
+def test_hypergradient_through_a_plain_functional_call_takes_the_fast_batchnorm(monkeypatch):
+    """The way torchopt users write it: torch.func.functional_call of an nn.Sequential with its real
+    buffers. The engine routes its BatchNorm to batch_norm_train: the same hypergradient and running
+    statistics as the stock path, to float64 roundoff."""
+    import metakd.nn as mnn
+    from metakd import hypergradient, optim
+    from metakd.losses import cross_entropy
+
+    g = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64), torch.arange(6) % 3)
+        for _ in range(3)
+    ]
+    meta = {"s": torch.tensor(0.6, dtype=torch.float64, requires_grad=True)}
+    calls: list[int] = []
+    real = mnn.batch_norm_train
+    monkeypatch.setattr(mnn, "batch_norm_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(stock: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net = _sequential_bn().train()
+
+        def train_loss(p, m, batch):
+            logits = functional_call(net, p, (batch[0],))
+            return m["s"] * cross_entropy(logits, batch[1]) + (1 - m["s"]) * logits.pow(2).mean()
+
+        def val_loss(p, batch):
+            return cross_entropy(functional_call(net, p, (batch[0],)), batch[1])
+
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        with double_backward_batchnorm(not stock):
+            res = hypergradient(
+                train_loss, val_loss, params, meta, batches, batches[0], optim.adam(0.05)
+            )
+        return res.grads["s"], [b.clone() for b in net.buffers()]
+
+    fast, fast_buffers = run(stock=False)
+    assert len(calls) == 4  # 3 unrolled train losses + the validation loss
+    stock, stock_buffers = run(stock=True)
+    assert len(calls) == 4
+    torch.testing.assert_close(fast, stock, rtol=1e-9, atol=1e-12)
+    for a, b in zip(fast_buffers, stock_buffers, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert int(fast_buffers[-1]) == 4  # num_batches_tracked: the user's module saw 4 train calls
+
+
+def test_the_router_skips_its_mode_for_losses_without_batchnorm():
+    from metakd.nn import BatchNormRouter
+
+    net = nn.Linear(3, 2)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return net(x).sum()
+
+    with double_backward_batchnorm():
+        router = BatchNormRouter()
+        routed = router.wrap(loss)
+        routed(torch.randn(4, 3))
+        assert router.keep is False
+        again = BatchNormRouter()
+        again.wrap(loss)
+        assert again.keep is False  # remembered for the same function: no probe next time
+    assert BatchNormRouter().wrap(loss) is loss  # outside the context nothing is routed
