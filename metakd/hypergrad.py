@@ -478,6 +478,7 @@ def tangent_step(
     tangents: Tangents | None = None,
     *,
     decay: float = 1.0,
+    out: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], Any, Tangents]:
     """One inner step w', s' = U(w, s, ∇_w L_train(w, λ; B), λ) and its tangent (eq. 9 in forward mode).
 
@@ -486,7 +487,10 @@ def tangent_step(
     dg_i = ∇_w[∇_w L · γz_i + ∂L/∂λ_i] is a Hessian-vector product by double backward (Pearlmutter; with
     :func:`metakd.nn.double_backward_batchnorm`; cheaper than ``torch.func.jvp`` of the gradient,
     docs/benchmarks.md), the optimizer's part one vmapped ``jvp`` of its elementwise update. Memory
-    O(H·P), time ≈ 1 + H/2 training steps. Returns (w', s', Z'), all detached.
+    O(H·P), time ≈ 1 + H/2 training steps. Returns (w', s', Z'), all detached. With ``out`` (a dict),
+    also ``out["grad"]`` = ∇_w L_train(w, λ; B) ({name: tensor}, detached) and ``out["loss"]`` (float):
+    what a real optimizer step on B needs, so it can reuse this forward/backward (the trainer's online
+    mode does).
     """
     from torch.func import jvp, vmap
 
@@ -532,6 +536,9 @@ def tangent_step(
             d = torch.autograd.grad(s, w, retain_graph=i < h - 1, allow_unused=True)
             dg_rows.append([torch.zeros_like(p) if x is None else x for x, p in zip(d, p0)])
     g0 = tuple(g.detach() for g in gw)
+    if out is not None:
+        out["grad"] = dict(zip(names, g0))
+        out["loss"] = float(loss.detach())
     dg = tuple(torch.stack([row[j] for row in dg_rows]) for j in range(len(p0)))
 
     def update(

@@ -62,15 +62,32 @@ class FunctionalModel:
         return {k: v.detach().clone() for k, v in self.module.named_parameters()}
 
     def buffers(self) -> dict[str, Tensor | None]:
-        """The buffers an unrolled call uses (see the module docstring)."""
+        """The buffers an unrolled call uses (see the module docstring); inside
+        :meth:`real_statistics` the module's own BatchNorm buffers (updated as by ``module(x)``)."""
         training = self.module.training
+        real = _REAL_STATS.get() is self
         out: dict[str, Tensor | None] = {}
         for name, buf in self.module.named_buffers():
             if name in self._bn_buffers:
-                out[name] = None if training else buf.detach()
+                if real:
+                    out[name] = buf
+                else:
+                    out[name] = None if training else buf.detach()
             else:
-                out[name] = buf.detach().clone()
+                out[name] = buf if real else buf.detach().clone()
         return out
+
+    @contextlib.contextmanager
+    def real_statistics(self) -> Iterator[None]:
+        """Within the block, this model's calls read and update the module's own buffers (BatchNorm
+        running statistics, ``num_batches_tracked``) exactly as a real ``module(x)`` call does: for a
+        functional forward that also serves as the real training step's (the online mode's fused
+        step). Call it once per real step."""
+        token = _REAL_STATS.set(self)
+        try:
+            yield
+        finally:
+            _REAL_STATS.reset(token)
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         # (None buffers are accepted by functional_call; its annotation says Tensor); a module without
@@ -91,6 +108,9 @@ class FunctionalModel:
 
 
 # --------------------------------------------------------------------------- BatchNorm double backward
+
+# the FunctionalModel whose calls use the module's real buffers (FunctionalModel.real_statistics)
+_REAL_STATS: ContextVar[FunctionalModel | None] = ContextVar("metakd_real_stats", default=None)
 
 #: Devices where :func:`double_backward_batchnorm` swaps in :func:`batch_norm_train`: measured faster on
 #: CPU (docs/benchmarks.md); CUDA keeps cuDNN's kernels until the GPU bench has measured the swap.

@@ -448,7 +448,7 @@ def test_online_forecast_differentiates_only_the_current_optimize_block(task, mo
     online_method = trainer.hypergrad_method
     real_carry = online_method.carry
     monkeypatch.setattr(
-        online_method, "carry", lambda b: (carried.append(trainer.step), real_carry(b))
+        online_method, "carry", lambda b, **kw: (carried.append(trainer.step), real_carry(b, **kw))
     )
     start = 12  # windows of 6 steps: optimize 0-5, predict 6-11, optimize 12-17
     for s in range(start):

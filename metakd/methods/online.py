@@ -15,6 +15,8 @@ first step, the first of an optimize block) would return 0: it is skipped and no
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +35,18 @@ __all__ = ["Online"]
 
 @register("online")
 class Online(HypergradMethod):
-    """Forward-mode tangents carried along the real steps; ``tangents`` is None before the first."""
+    """Forward-mode tangents carried along the real steps; ``tangents`` is None before the first.
+
+    ``fused`` (default True): the tangent step's forward and first backward also serve the real
+    step — its forward runs on the module's own BatchNorm buffers (updated once, as by ``module(x)``)
+    and its gradient ∇_w L_train goes to the real torch optimizer's ``step()`` — instead of a second
+    forward/backward in :meth:`Trainer.plain_real_step`. Weights, BatchNorm statistics and optimizer
+    state are those of ordinary training (tests/test_online_fused.py).
+    """
 
     tangents: hypergrad.Tangents | None = None
+    fused: bool = True
+    _pending: tuple[int, dict[str, Tensor], float] | None = None
 
     def ready(self, step: int) -> bool:
         return self.tangents is not None
@@ -68,19 +79,38 @@ class Online(HypergradMethod):
             self.tangents = None
             return
         with self.trainer.timed("hypergrad"):
-            self.carry(self.trainer.batch(step))
+            self.carry(self.trainer.batch(step), step=step if self.fused else None)
 
-    def carry(self, batch: Batch) -> None:
+    def carry(self, batch: Batch, *, step: int | None = None) -> None:
         """Z ← ∂U/∂(w, s)·(γZ) + ∂U/∂λ for the real step about to be taken on ``batch`` at the current
-        weights, optimizer state and λ."""
+        weights, optimizer state and λ. With ``step``, the forward also updates the module's BatchNorm
+        statistics and the gradient is kept for :meth:`real_step` at that step (the fused step)."""
         tr = self.trainer
         assert tr.meta is not None
         named = dict(tr.model.named_parameters())
         inner, state = optim.from_torch(tr.optimizer, named)
-        _, _, self.tangents = hypergrad.tangent_step(
-            tr.train_loss, {k: p.detach() for k, p in named.items()}, tr.meta.raw, batch,
-            inner, state, self.tangents, decay=tr.cfg.meta.hypergrad.online_decay,
-        )  # fmt: skip
+        out: dict[str, Any] = {}
+        with tr.fmodel.real_statistics() if step is not None else contextlib.nullcontext():
+            _, _, self.tangents = hypergrad.tangent_step(
+                tr.train_loss, {k: p.detach() for k, p in named.items()}, tr.meta.raw, batch,
+                inner, state, self.tangents, decay=tr.cfg.meta.hypergrad.online_decay, out=out,
+            )  # fmt: skip
+        self._pending = (step, out["grad"], out["loss"]) if step is not None else None
+
+    def real_step(self, step: int, batch: Batch) -> float | None:
+        """The fused real step: the torch optimizer steps on the gradient the tangent step computed
+        on this batch (its forward already moved the BatchNorm statistics); None when there is none."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != step:
+            return None
+        _, grads, loss = pending
+        opt = self.trainer.optimizer
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(loss):
+            for name, p in self.trainer.model.named_parameters():
+                p.grad = grads[name]
+            opt.step()
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         return {"tangents": self.tangents.to_list() if self.tangents is not None else None}
