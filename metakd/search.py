@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metakd.config import Config, ConfigError, MetaParamSpec, config_to_dict
-from metakd.rundir import atomic_write_text
+from metakd.rundir import _diff_keys, _with_current_defaults, atomic_write_text
 from metakd.trainer import Callback
 
 if TYPE_CHECKING:
@@ -442,15 +442,30 @@ def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
     path = out / "search.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        # a study continued after an upgrade: keys added to Config since keep their defaults
+        old["config"] = _comparable(old.get("config"))
+        settings["config"] = _comparable(conf)
         changed = [k for k in settings if json.dumps(old.get(k), sort_keys=True)
                    != json.dumps(settings[k], sort_keys=True)]  # fmt: skip
         if changed:
+            keys = sorted(_diff_keys(old.get("config"), settings["config"]))
+            which = f" (config keys {', '.join(keys)})" if keys else ""
             raise ConfigError(
-                f"{out} holds a study with different {', '.join(changed)}; rerun it with its "
-                f"settings (see {path}) or pass a new --out DIR"
+                f"{out} holds a study with different {', '.join(changed)}{which}; rerun it with "
+                f"its settings (see {path}) or pass a new --out DIR"
             )
         return
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _comparable(conf: Any) -> Any:
+    """A stored or current config with the keys added since filled in, less ``out``/``wandb.mode``."""
+    full = _with_current_defaults(conf)
+    if isinstance(full, dict):
+        full = dict(full)
+        full.pop("out", None)
+        full["wandb"] = {k: v for k, v in (full.get("wandb") or {}).items() if k != "mode"}
+    return full
 
 
 def _retrain(cfg: Config, best: Mapping[str, Any], seeds: Sequence[int], out: Path, train: TrainFn,

@@ -117,6 +117,14 @@ def test_grid_study_covers_the_grid_chooses_by_validation_and_retrains(cache, tm
     assert [t["params"] for t in again["trials"]] == [t["params"] for t in trials]
     with pytest.raises(ConfigError, match="different sampler"):
         run_search(cfg, sampler="random", trials=4, out_dir=out)
+    # a study written before a config key existed continues (the key keeps its default) ...
+    settings = json.loads((out / "search.json").read_text())
+    del settings["config"]["meta"]["hypergrad"]["online_decay"]
+    (out / "search.json").write_text(json.dumps(settings))
+    run_search(cfg, sampler="grid", trials=4, out_dir=out, grid=GRID, train_fn=_no_training)
+    # ... a changed setting is refused, naming the key
+    with pytest.raises(ConfigError, match=r"different config \(config keys train.lr\)"):
+        run_search(_cfg(cache, "train.lr=0.5"), sampler="grid", trials=4, out_dir=out, grid=GRID)
     # metakd report adds the search table and figure
     report = build_report([out], tmp_path / "report")
     text = report.read_text()
