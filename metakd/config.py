@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "OPTIMIZER_METAPARAMS",
     "SEED_MAX",
     "Config",
     "ConfigError",
@@ -313,10 +314,30 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    objective: str = Field(
+        default="distillation",
+        description="the training loss L_train(w, λ): distillation (eq. 4) | cross_entropy | dkd, "
+        "or a 'package.module:ClassName' path (metakd.objectives); meta.params defaults to its "
+        "metaparameters",
+    )
+    objective_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the objective's constructor"
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     meta: MetaConfig = Field(default_factory=MetaConfig)
     forecast: ForecastConfig = Field(default_factory=ForecastConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _objective_params(self) -> Config:
+        # meta.params not given: the objective's metaparameters (metakd.objectives)
+        if "params" not in self.meta.model_fields_set:
+            from metakd import objectives  # imported here: metakd.objectives imports this module
+
+            specs = objectives.build(self).specs()
+            if specs != self.meta.params:
+                self.meta.params = specs
+        return self
 
 
 # --------------------------------------------------------------------------- loading
@@ -433,6 +454,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             )
         data = loaded
     overrides = list(overrides)
+    # The objective is chosen first: its metaparameters are the defaults that meta.params overrides edit.
+    first = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].strip().lstrip("-").split(".")[0] in _OBJECTIVE_KEYS
+    ]
+    if first:
+        apply_overrides(data, first)
+        overrides = [o for o in overrides if o not in first]
     if overrides:
         try:
             base = Config.model_validate(data)
@@ -451,10 +481,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raise ConfigError("\n".join(lines)) from None
 
 
+_OBJECTIVE_KEYS = ("objective", "objective_kwargs")
+#: metaparameter names bound to the student optimizer's hyperparameters (metakd.optimizer_binding)
+OPTIMIZER_METAPARAMS = ("lr", "weight_decay")
+
+
 def _check_new_metaparams(resolved: dict[str, Any], overrides: Sequence[str]) -> None:
     """Overrides may not invent metaparameters: ``meta.params.temprature.init=2`` is a typo
-    (new metaparameters are declared in a YAML file)."""
-    known = list(resolved.get("meta", {}).get("params", {}))
+    (new metaparameters are declared in a YAML file); the optimizer's ``lr`` and ``weight_decay``
+    may be added."""
+    known = [*resolved.get("meta", {}).get("params", {}), *OPTIMIZER_METAPARAMS]
     for item in overrides:
         key = item.split("=", 1)[0].strip().lstrip("-")
         parts = key.split(".")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["accuracy", "cross_entropy", "distillation_loss", "soft_cross_entropy"]
+__all__ = ["accuracy", "cross_entropy", "distillation_loss", "dkd_loss", "soft_cross_entropy"]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -55,17 +55,85 @@ def distillation_loss(
     (β1, β2) acts on the unrolled steps like a learning-rate multiplier, and a short-horizon
     hypergradient keeps shrinking it (a learning rate's short-horizon bias) instead of tuning the mix.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape (B, K)"
-        )
+    _same_shape(student_logits, teacher_logits)
+    if any(isinstance(v, Tensor) and v.dim() > 0 for v in (beta1, beta2, temperature)):
+        return _distillation_per_sample(
+            student_logits, targets, teacher_logits, beta1, beta2, temperature,
+            hinton_scaling=hinton_scaling, normalize_weights=normalize_weights,
+        )  # fmt: skip
     hard = cross_entropy(student_logits, targets)
     soft = soft_cross_entropy(student_logits, teacher_logits, temperature)
     if hinton_scaling:
         soft = soft * temperature**2
     loss = beta1 * hard + beta2 * soft
     return loss / (beta1 + beta2) if normalize_weights else loss
+
+
+def _same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (B, K)"
+        )
+
+
+def _column(v: Tensor | float) -> Tensor | float:
+    """A per-sample value (B,) as a (B, 1) column that broadcasts over classes; scalars unchanged."""
+    return v.reshape(-1, 1) if isinstance(v, Tensor) and v.dim() > 0 else v
+
+
+def _distillation_per_sample(
+    s: Tensor, y: Tensor, t: Tensor, beta1: Tensor | float, beta2: Tensor | float,
+    temperature: Tensor | float, *, hinton_scaling: bool, normalize_weights: bool,
+) -> Tensor:  # fmt: skip
+    """Eq. 4 with per-sample β1_i, β2_i, T_i (each (B,) or a scalar), averaged over the batch."""
+    tt = _column(temperature)
+    hard = F.cross_entropy(s, y, reduction="none")  # (B,)
+    soft = -(torch.softmax(t / tt, dim=-1) * torch.log_softmax(s / tt, dim=-1)).sum(dim=-1)
+    if hinton_scaling:
+        soft = soft * temperature**2
+    loss = beta1 * hard + beta2 * soft
+    return (loss / (beta1 + beta2) if normalize_weights else loss).mean()
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: Tensor | float,
+    beta: Tensor | float,
+    temperature: Tensor | float,
+    ce_weight: float = 1.0,
+) -> Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022), batch mean:
+
+        ce_weight · CE(y, softmax(s)) + T² · (α · TCKD + β · NCKD)
+
+    with p = softmax(z / T) for z = s (student) and t (teacher), b = [p_y, 1 − p_y] (target vs the
+    rest), p̂ = p over the non-target classes renormalised: TCKD = KL(b^t ‖ b^s),
+    NCKD = KL(p̂^t ‖ p̂^s). ``alpha``, ``beta``, ``temperature``: scalars or per-sample (B,).
+    The non-target softmax masks the target logit with −1000 (the authors' code) rather than −∞, so
+    gradients stay finite. Differentiable in the logits and in α, β, T.
+    """
+    _same_shape(student_logits, teacher_logits)
+    tt = _column(temperature)
+    mask = F.one_hot(targets, student_logits.shape[-1]).to(torch.bool)  # (B, K)
+
+    def parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        zt = z / tt
+        lse = torch.logsumexp(zt, dim=-1)
+        log_nt = torch.log_softmax(zt - 1000.0 * mask, dim=-1)  # log p̂ (B, K), target ≈ −1000
+        log_pt = zt.gather(1, targets[:, None]).squeeze(1) - lse  # log p_y (B,)
+        log_rest = torch.logsumexp(zt.masked_fill(mask, -torch.inf), dim=-1) - lse  # log(1 − p_y)
+        return torch.stack([log_pt, log_rest], dim=-1), log_nt, mask
+
+    log_bs, log_ps, _ = parts(student_logits)
+    log_bt, log_pt, _ = parts(teacher_logits)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=-1)  # (B,)
+    nckd = (log_pt.exp() * (log_pt - log_ps)).masked_fill(mask, 0.0).sum(dim=-1)
+    kd = (temperature**2) * (alpha * tckd + beta * nckd)
+    return ce_weight * cross_entropy(student_logits, targets) + kd.mean()
 
 
 @torch.no_grad()

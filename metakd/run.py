@@ -33,7 +33,17 @@ from torch import Tensor
 from torch.func import functional_call
 
 import metakd
-from metakd import data, hypergrad, ledger, losses, models, optim, plugins, teacher, threads
+from metakd import (
+    data,
+    hypergrad,
+    ledger,
+    losses,
+    models,
+    objectives,
+    plugins,
+    teacher,
+    threads,
+)
 from metakd.config import Config, ConfigError, TrainConfig, load_config
 from metakd.rundir import RunDir
 from metakd.status import StatusLine
@@ -185,15 +195,15 @@ def _build(
     callbacks: Sequence[Callback] = (),
     stack: contextlib.ExitStack | None = None,
 ) -> tuple[Any, dict[str, Tensor] | None, torch.nn.Module]:
-    """(splits, teacher logits or None for baseline, seeded student on ``device``). With ``stack``,
-    torch's threads are chosen for the run from its work size (:mod:`metakd.threads`) until the
-    stack closes."""
+    """(splits, teacher logits — None for baseline or an objective without a teacher —, seeded
+    student on ``device``). With ``stack``, torch's threads are chosen for the run from its work
+    size (:mod:`metakd.threads`) until the stack closes."""
     seed_everything(cfg.seed)
     splits = data.load_data(cfg.data, cfg.seed, device)
     if stack is not None and device.type == "cpu":
         stack.enter_context(threads.run_threads(_work_size(cfg, splits)))
     logits = None
-    if cfg.meta.method != "baseline":
+    if cfg.meta.method != "baseline" and objectives.build(cfg).needs_teacher:
         logits = teacher.teacher_logits(cfg, splits, device, progress=_teacher_progress(callbacks))
     torch.manual_seed(cfg.seed)  # the same initial student for every method of a seed
     shape = tuple(int(s) for s in splits.train.x.shape[1:])
@@ -413,11 +423,15 @@ def _train(
 
 
 def _plain_step(
-    cfg: TrainConfig, w: list[Tensor], g: list[Tensor], state: dict[str, Any]
-) -> list[Tensor]:
-    """One torch.optim.SGD/Adam step written out (independent of metakd.optim), out of place."""
+    cfg: TrainConfig, w: list[Tensor], g: list[Tensor], state: dict[str, Any],
+    lam: Mapping[str, Any] | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """One torch.optim.SGD/Adam step written out (independent of metakd.optim), out of place; a
+    learning rate / weight decay among the metaparameters ``lam`` replaces train.lr / weight_decay."""
+    lam = lam or {}
+    lr, wd = lam.get("lr", cfg.lr), lam.get("weight_decay", cfg.weight_decay)
     t = state["t"] = state.get("t", 0) + 1
-    g = [gi + cfg.weight_decay * wi for gi, wi in zip(g, w, strict=True)]
+    g = [gi + wd * wi for gi, wi in zip(g, w, strict=True)]
     if cfg.optimizer == "sgd":
         if cfg.momentum:
             buf = state.get("buf")
@@ -430,7 +444,7 @@ def _plain_step(
                 if cfg.nesterov
                 else buf
             )
-        return [wi - cfg.lr * gi for wi, gi in zip(w, g, strict=True)]
+        return [wi - lr * gi for wi, gi in zip(w, g, strict=True)]
     b1, b2, eps = 0.9, 0.999, 1e-8
     m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(state.get("m", [0.0] * len(g)), g, strict=True)]
     v = [
@@ -439,7 +453,7 @@ def _plain_step(
     state["m"], state["v"] = m, v
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     return [
-        wi - cfg.lr / bc1 * mi / (vi.sqrt() / bc2**0.5 + eps)
+        wi - lr / bc1 * mi / (vi.sqrt() / bc2**0.5 + eps)
         for wi, mi, vi in zip(w, m, v, strict=True)
     ]
 
@@ -470,7 +484,7 @@ def check_grad(
     model.train()
     batches = [trainer.batch(i) for i in range(cfg.meta.unroll)]
     vx, vy = trainer.val_batch(0)
-    inner, state = optim.from_torch(trainer.optimizer, dict(model.named_parameters()))
+    inner, state = trainer.inner_optimizer()  # meta.params.lr / weight_decay bound to raw λ
     hc = cfg.meta.hypergrad
     # Online tangents carried over the first η steps from Z = 0 are forward mode over those steps
     # (with γ = 1: the finite differences below hold λ fixed, so online_decay is not applied).
@@ -499,10 +513,10 @@ def check_grad(
         for x, y, t in b64:
             w = [wi.detach().requires_grad_(True) for wi in w]
             out = forward(w, x)
-            loss = trainer._loss(out, y, t, lam)
+            loss = trainer.loss(out, y, t, lam)
             g = torch.autograd.grad(loss, w)
             with torch.no_grad():
-                w = _plain_step(cfg.train, w, list(g), st)
+                w = _plain_step(cfg.train, w, list(g), st, lam)
         with torch.no_grad():
             return float(losses.cross_entropy(forward(w, vx.double()), vy))
 

@@ -1,7 +1,8 @@
 """The bilevel meta-trainer (PAPER.md eq. 11 and the "Forecast" schedule).
 
-Real steps train the student on D_train with the distillation loss L_train(w, λ) (eq. 4) and a
-real torch optimizer. Meta steps compute a hypergradient dL_val/d raw λ, clip it and step the
+Real steps train the student on D_train with the objective's loss L_train(w, λ) (``objective``,
+:mod:`metakd.objectives`; default the distillation loss of eq. 4) and a real torch optimizer whose
+lr / weight decay may themselves be metaparameters (:mod:`metakd.optimizer_binding`). Meta steps compute a hypergradient dL_val/d raw λ, clip it and step the
 metaparameter optimizer on the raw values r. *When* meta steps happen and *how* the hypergradient
 is obtained are the two seams of :mod:`metakd.methods`, so this loop has no per-method branch:
 
@@ -29,20 +30,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from metakd import losses, optim
-from metakd.batches import Batch, BatchStream, derive_seed
-from metakd.config import Config, ConfigError, TrainConfig
-from metakd.metaparams import MetaParams
+from metakd import losses, objectives, optim
+from metakd.batches import Batch, BatchStream
+from metakd.callbacks import Callback
+from metakd.config import Config
+from metakd.meta_setup import init_meta, meta_optimizer
 from metakd.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.nn import FunctionalModel
-from metakd.schedule import MetaVector, plain
+from metakd.optimizer_binding import OptimizerBinding, torch_optimizer
+from metakd.rows import log_due, metrics_row
+from metakd.schedule import MetaVector
 
 if TYPE_CHECKING:
     from metakd.data import Splits
@@ -51,54 +54,10 @@ __all__ = ["DISTILLATION_NAMES", "Callback", "Trainer"]
 
 log = logging.getLogger(__name__)
 
+#: the default objective's metaparameters (metakd.objectives.Distillation)
 DISTILLATION_NAMES = ("beta1", "beta2", "temperature")
 _EVAL_CHUNK = 2048
-_FOREACH_MIN_TENSORS = 4
-
-
-class Callback:
-    """Hooks of a run; every method is a no-op by default.
-
-    :func:`metakd.run.train_run` calls ``on_run_start``/``on_run_end``. The :class:`Trainer` hands
-    each metrics row to exactly one hook: ``on_eval`` for rows with evaluations, ``on_step`` otherwise.
-    """
-
-    def teacher_progress(
-        self, epochs: int
-    ) -> AbstractContextManager[Callable[[int, dict[str, Any]], None] | None] | None:
-        """A context giving the ``progress(epoch, row)`` callback of an in-process teacher's training
-        (:func:`metakd.teacher.train_teacher`, ``epochs`` long) before the run starts; None: no display."""
-        return None
-
-    def on_run_start(self, cfg: Config, run_dir: Path | None, info: Mapping[str, Any]) -> None:
-        """Before the first step (``info``: data info, device, steps per epoch, resumed step)."""
-
-    def on_step(self, row: Mapping[str, Any]) -> None:
-        """One metrics row without evaluations (docs/architecture.md format)."""
-
-    def on_eval(self, row: Mapping[str, Any]) -> None:
-        """A metrics row that also carries val/test accuracy and loss."""
-
-    def on_run_end(self, summary: Mapping[str, Any]) -> None:
-        """After the run (``summary``: the summary.json dict)."""
-
-
-def _torch_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    params = list(params)
-    # torch's multi-tensor Adam gives the very same numbers as its per-tensor loop (the CPU default;
-    # tests/test_trainer.py) and is faster from a handful of tensors on; tiny models keep the loop
-    foreach = len(params) >= _FOREACH_MIN_TENSORS
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
-    if cfg.nesterov and cfg.momentum == 0:
-        raise ConfigError("train.nesterov=true needs train.momentum > 0 (e.g. train.momentum=0.9)")
-    return torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
+_META_METHODS = ("hypergrad", "forecast")
 
 
 class Trainer:
@@ -124,7 +83,8 @@ class Trainer:
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
-        if teacher_logits is None and self.method != "baseline":
+        self.objective = objectives.build(cfg)
+        if teacher_logits is None and self.method != "baseline" and self.objective.needs_teacher:
             raise ValueError(f"meta.method={self.method} needs teacher logits; got None")
         self.teacher_logits = teacher_logits
         self.callbacks = list(callbacks)
@@ -136,10 +96,15 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.fmodel = FunctionalModel(model)
-        self.optimizer = _torch_optimizer(cfg.train, model.parameters())
-        self.meta = None if self.method == "baseline" else self._init_meta()
+        self.optimizer = torch_optimizer(cfg.train, model.parameters())
+        self.meta = (
+            None
+            if self.method == "baseline"
+            else init_meta(cfg, self.objective, splits, self.device)
+        )
+        self.binding = OptimizerBinding(self.meta.specs if self.meta is not None else {})
         self._vector = MetaVector(self.meta) if self.meta is not None else None
-        self.meta_opt = self._meta_optimizer() if self.method in ("hypergrad", "forecast") else None
+        self.meta_opt = meta_optimizer(cfg, self.meta) if self.method in _META_METHODS else None
         self._plain_meta_sgd = cfg.meta.optimizer == "sgd" and cfg.meta.momentum == 0
         self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
         # The meta step's seam (metakd.methods): when meta steps happen, and how dL_val/dλ is computed.
@@ -154,34 +119,6 @@ class Trainer:
         self._t_start: float | None = None
 
     # ------------------------------------------------------------------ metaparameters
-    def _init_meta(self) -> MetaParams:
-        specs = self.cfg.meta.params
-        missing = [n for n in DISTILLATION_NAMES if n not in specs]
-        if missing:
-            raise ConfigError(
-                f"meta.params lacks {missing}; the distillation loss needs {list(DISTILLATION_NAMES)}"
-            )
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 3))
-        meta = MetaParams(specs, generator=gen, device=self.device)
-        if self.method == "fixed":
-            values = self.cfg.meta.values
-            unset = [n for n in specs if n not in values and specs[n].init is None]
-            if unset:
-                raise ConfigError(
-                    f"meta.method=fixed needs a value for {unset}: set meta.values.{unset[0]}=... "
-                    f"or meta.params.{unset[0]}.init"
-                )
-            if values:
-                meta.set_values(values)
-        return meta
-
-    def _meta_optimizer(self) -> torch.optim.Optimizer:
-        assert self.meta is not None
-        params = [self.meta.raw[n] for n in self.meta.names]
-        if self.cfg.meta.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.cfg.meta.lr)
-        return torch.optim.SGD(params, lr=self.cfg.meta.lr, momentum=self.cfg.meta.momentum)
-
     def vec(self) -> MetaVector:
         """Raw λ (or its gradients) ↔ one flat float64 vector (forecasts, metrics rows)."""
         assert self._vector is not None, "no metaparameters for method=baseline"
@@ -193,33 +130,35 @@ class Trainer:
         return self.schedule.method
 
     def lambdas(self, raw: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
-        """The constrained λ used by the loss (constants for ``baseline``)."""
+        """The constrained λ used by the loss (``baseline``: the objective's neutral values)."""
         if self.meta is None:
-            return {"beta1": 1.0, "beta2": 0.0, "temperature": 1.0}
+            return dict(self.objective.neutral)
         return self.meta.constrained(raw)
 
     # ------------------------------------------------------------------ losses and batches
     def train_loss(
         self, params: Mapping[str, Tensor], meta: Mapping[str, Tensor], batch: Any
     ) -> Tensor:
-        """L_train(w, λ(r)) on ``batch = (x, y, teacher_logits)`` (eq. 4), functional in w and r."""
+        """L_train(w, λ(r)) on ``batch = (x, y, teacher_logits)`` (the objective), functional in w and r."""
         x, y, t = batch
         lam = self.meta.constrained(meta) if self.meta is not None else self.lambdas()
-        return self._loss(self.fmodel(params, x), y, t, lam)
+        return self.loss(self.fmodel(params, x), y, t, lam)
 
     def val_loss(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         """L_val(w): cross-entropy at T = 1 (eq. 7)."""
         x, y = batch
         return losses.cross_entropy(self.fmodel(params, x), y)
 
-    def _loss(self, logits: Tensor, y: Tensor, t: Tensor | None, lam: Mapping[str, Any]) -> Tensor:
-        if self.meta is None or t is None:
+    def loss(self, logits: Tensor, y: Tensor, t: Tensor | None, lam: Mapping[str, Any]) -> Tensor:
+        """The objective's L_train on logits (B, K) at constrained λ (``baseline``: cross-entropy)."""
+        if self.meta is None:
             return losses.cross_entropy(logits, y)
-        return losses.distillation_loss(
-            logits, y, t, beta1=lam["beta1"], beta2=lam["beta2"], temperature=lam["temperature"],
-            hinton_scaling=self.cfg.train.hinton_scaling,
-            normalize_weights=self.cfg.train.normalize_weights,
-        )  # fmt: skip
+        return self.objective.loss(logits, y, t, lam)
+
+    def inner_optimizer(self) -> tuple[optim.InnerOptimizer, Any]:
+        """The functional twin of the real optimizer and its current state, with ``meta.params.lr`` /
+        ``weight_decay`` bound to raw λ (:mod:`metakd.optimizer_binding`): what unrolls differentiate."""
+        return self.binding.functional(self.optimizer, dict(self.model.named_parameters()))
 
     def batch(self, step: int) -> Batch:
         """The train batch (x, y, teacher logits) of 0-based ``step``."""
@@ -341,8 +280,9 @@ class Trainer:
         x, y, t = batch
         with torch.no_grad():
             lam = self.lambdas()
+        self.binding.apply(self.optimizer, lam)  # a learned lr / weight decay drives the real step
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(self.model(x), y, t, lam)
+        loss = self.loss(self.model(x), y, t, lam)
         value = float(loss.detach())
         if math.isfinite(value):
             loss.backward()
@@ -424,8 +364,8 @@ class Trainer:
         boundary = sched.is_boundary(s)
         bad = not math.isfinite(loss)
         forced = evaluated or boundary or err is not None or bad
-        if forced or self._log_due(s, grads is not None):
-            row = self._row(s, phase, loss, step_time, grads, extrap, err, ev)
+        if forced or log_due(self.cfg, phase, s, grads is not None):
+            row = metrics_row(self, s, phase, loss, step_time, grads, extrap, err, ev)
             for cb in self.callbacks:
                 (cb.on_eval if evaluated else cb.on_step)(row)
         if bad:
@@ -448,50 +388,6 @@ class Trainer:
                 f"(the paper uses 0.1), or lower train.lr (now {self.cfg.train.lr:g})"
             )
         return f"the student diverged: lower train.lr (now {self.cfg.train.lr})"
-
-    def _log_due(self, s: int, meta_step: bool) -> bool:
-        """Whether step s (0-based) writes a metrics row outside the forced ones (eval, window
-        boundary, forecast error, non-finite loss).
-
-        Rows follow ``train.log_every`` (a row per step would dominate tiny runs). With
-        ``meta.every = k > 1`` meta steps fall on s ≡ 0 (mod k) while plain rows fall on
-        s + 1 ≡ 0 (mod log_every), so they would rarely meet and the hypergradients would go
-        unlogged: there, in optimize phases, the rows are the meta steps, every
-        ⌈log_every / k⌉-th one (about one row per log_every steps, each with its hypergradient).
-        """
-        every, log_every = self.cfg.meta.every, self.cfg.train.log_every
-        if every > 1 and self.phase(s) == "optimize":
-            return meta_step and (s // every) % -(-log_every // every) == 0
-        return (s + 1) % log_every == 0
-
-    def _row(
-        self, s: int, phase: str, loss: float, step_time: float, grads: dict[str, Tensor] | None,
-        extrap: Tensor | None, err: Tensor | None, ev: Mapping[str, float],
-    ) -> dict[str, Any]:  # fmt: skip
-        meta = self.meta
-        norm = None
-        if grads is not None:
-            norm = float(
-                torch.linalg.vector_norm(
-                    torch.cat([g.double().reshape(-1) for g in grads.values()])
-                )
-            )
-        row: dict[str, Any] = {
-            "step": s + 1,
-            "epoch": s // self.steps_per_epoch + 1,
-            "phase": phase,
-            "train_loss": loss,
-            "step_time": step_time,
-            "meta": meta.values() if meta is not None else self.lambdas(),
-            "meta_raw": meta.raw_values() if meta is not None else None,
-            "hypergrad": plain(grads),
-            "hypergrad_norm": norm,
-            "meta_lr": self.meta_lr(s) if self.meta_opt is not None else None,
-            "meta_forecast": plain(self.vec().unflat(extrap)) if extrap is not None else None,
-            "forecast_error": plain(self.vec().unflat(err)) if err is not None else None,
-        }
-        row.update(ev)
-        return row
 
     # ------------------------------------------------------------------ results and state
     def summary(self) -> dict[str, Any]:
@@ -544,7 +440,9 @@ class Trainer:
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])
         if self.meta_opt is not None:
-            self.meta_opt = self._meta_optimizer()  # bind to the (possibly new) raw tensors
+            # bind to the (possibly new) raw tensors
+            self.meta_opt = meta_optimizer(self.cfg, self.meta)
+            assert self.meta_opt is not None
             self.meta_opt.load_state_dict(state["meta_optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         method = self.schedule.method

@@ -576,7 +576,7 @@ def test_the_real_optimizer_is_torch_adam_with_its_numbers():
     default per-tensor loop (what the trainer ran before)."""
     from metakd.config import ModelConfig
     from metakd.models import build_model
-    from metakd.trainer import _torch_optimizer
+    from metakd.optimizer_binding import torch_optimizer as _torch_optimizer
 
     model = build_model(ModelConfig(name="cifar_very_tiny"), (3, 32, 32), 10)
     ref = copy.deepcopy(model)

@@ -25,7 +25,9 @@ short example):
    ``.meta.raw``, ``.train_loss``, ``.val_loss``, ``.batch(s)``, ``.val_batch(s)``, ``.cfg``), and,
    only if it needs them, ``ready``, ``before_real_step``, ``real_step`` (return a loss to take the
    real step yourself, e.g. fused with a tangent step; None for the trainer's plain step),
-   ``after_real_step``, ``state_dict``/``load_state_dict``; set ``unroll`` if it unrolls a look-ahead;
+   ``after_real_step``, ``state_dict``/``load_state_dict``; set ``unroll`` if it unrolls a look-ahead,
+   list in ``optimizer_metaparams`` the optimizer hyperparameters it differentiates (``lr``,
+   ``weight_decay`` when they are metaparameters; :func:`build_schedule` refuses the others);
 2. add ``from metakd.methods import mine`` below (the registry entry is the decorator);
 3. test it alone: build a ``Trainer`` on a tiny task with the key and compare ``trainer.hypergradient``
    against an independent reference (tests/test_trainer.py has the pattern).
@@ -88,4 +90,5 @@ def build_schedule(trainer: Trainer) -> MetaSchedule:
             " subclass; subclass it (see the metakd.methods docstring)"
         )
     method = cls(trainer)
+    method.check_metaparams()  # (again, for methods that do not call it themselves)
     return Forecast(trainer, method) if kind == "forecast" else Continuous(trainer, method)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from metakd.config import ConfigError
+
 if TYPE_CHECKING:
     from metakd.batches import Batch
     from metakd.trainer import Trainer
@@ -37,12 +39,34 @@ class HypergradMethod:
     Attributes:
         unroll: look-ahead steps η of one hypergradient (summary.json ``unroll``); None when the
             method does not unroll a look-ahead (online, implicit).
+        optimizer_metaparams: the student optimizer's hyperparameters (``meta.params.lr``,
+            ``weight_decay``; :mod:`metakd.optimizer_binding`) the method differentiates; a bound
+            one it lacks is refused by :meth:`check_metaparams`. Loss metaparameters of any shape
+            the objective accepts are plain tensors to every method.
     """
 
     unroll: int | None = None
+    optimizer_metaparams: tuple[str, ...] = ()
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+
+    def check_metaparams(self, settings: str = "") -> None:
+        """ConfigError (one line, naming the methods that can) when ``meta.params`` binds an optimizer
+        hyperparameter this method does not differentiate; ``settings`` names the config that limits it."""
+        from metakd.methods import registry
+
+        lacking = [n for n in self.trainer.binding.names if n not in self.optimizer_metaparams]
+        if not lacking:
+            return
+        name, key = lacking[0], self.trainer.cfg.meta.hypergrad.method
+        able = [k for k, src in registry.available().items()
+                if name in getattr(registry.get(k), "optimizer_metaparams", ())]  # fmt: skip
+        raise ConfigError(
+            f"meta.params.{name}: meta.hypergrad.method={key}{settings} does not differentiate the "
+            f"student optimizer's {name}; methods that do: {', '.join(able)} (with "
+            "hypergrad.backend=func, unroll_optimizer=match)"
+        )
 
     def hypergradient(
         self,

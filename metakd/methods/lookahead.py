@@ -37,12 +37,20 @@ class LookAhead(HypergradMethod):
     """
 
     engine: str | None = None
+    optimizer_metaparams: tuple[str, ...] = ("lr", "weight_decay")
 
     def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
-        key = trainer.cfg.meta.hypergrad.method
-        default = key if key in hypergrad.METHODS else "reverse"
+        hc = trainer.cfg.meta.hypergrad
+        default = hc.method if hc.method in hypergrad.METHODS else "reverse"
         self.engine_name: str = self.engine or default
+        # the surrogate SGD does not hold the student's lr; torchopt/higher need numeric ones
+        limits = [f"hypergrad.{k}={v}" for k, v, ok in [
+            ("unroll_optimizer", hc.unroll_optimizer, "match"), ("backend", hc.backend, "func")
+        ] if v != ok]  # fmt: skip
+        if limits:
+            self.optimizer_metaparams = ()
+        self.check_metaparams(" with " + ", ".join(limits) if limits else "")
         self.eta: int = trainer.cfg.meta.unroll
         self.unroll = self.eta
 
@@ -51,7 +59,7 @@ class LookAhead(HypergradMethod):
         tr, hc = self.trainer, self.trainer.cfg.meta.hypergrad
         if hc.unroll_optimizer == "sgd":
             return optim.sgd(hc.unroll_lr or tr.cfg.train.lr), None
-        return optim.from_torch(tr.optimizer, dict(tr.model.named_parameters()))
+        return tr.inner_optimizer()
 
     def hypergradient(
         self,

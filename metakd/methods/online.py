@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from metakd import hypergrad, optim
+from metakd import hypergrad
 from metakd.methods.base import Grads, HypergradMethod
 from metakd.methods.registry import register
 
 if TYPE_CHECKING:
     from metakd.batches import Batch
+    from metakd.trainer import Trainer
 
 __all__ = ["Online"]
 
@@ -47,6 +48,11 @@ class Online(HypergradMethod):
     tangents: hypergrad.Tangents | None = None
     fused: bool = True
     _pending: tuple[int, dict[str, Tensor], float] | None = None
+    optimizer_metaparams: tuple[str, ...] = ("lr", "weight_decay")
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__(trainer)
+        self.check_metaparams()
 
     def ready(self, step: int) -> bool:
         return self.tangents is not None
@@ -88,7 +94,7 @@ class Online(HypergradMethod):
         tr = self.trainer
         assert tr.meta is not None
         named = dict(tr.model.named_parameters())
-        inner, state = optim.from_torch(tr.optimizer, named)
+        inner, state = tr.inner_optimizer()  # meta.params.lr / weight_decay bound to raw λ
         out: dict[str, Any] = {}
         with tr.fmodel.real_statistics() if step is not None else contextlib.nullcontext():
             _, _, self.tangents = hypergrad.tangent_step(
@@ -107,6 +113,8 @@ class Online(HypergradMethod):
         opt = self.trainer.optimizer
         opt.zero_grad(set_to_none=True)
         if math.isfinite(loss):
+            with torch.no_grad():  # a learned lr / weight decay drives the real step
+                self.trainer.binding.apply(opt, self.trainer.lambdas())
             for name, p in self.trainer.model.named_parameters():
                 p.grad = grads[name]
             opt.step()
