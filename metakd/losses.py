@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["accuracy", "cross_entropy", "distillation_loss", "dkd_loss", "soft_cross_entropy"]
+__all__ = [
+    "accuracy",
+    "cross_entropy",
+    "distillation_loss",
+    "distillation_loss_per_sample",
+    "dkd_loss",
+    "soft_cross_entropy",
+]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -56,11 +63,6 @@ def distillation_loss(
     hypergradient keeps shrinking it (a learning rate's short-horizon bias) instead of tuning the mix.
     """
     _same_shape(student_logits, teacher_logits)
-    if any(isinstance(v, Tensor) and v.dim() > 0 for v in (beta1, beta2, temperature)):
-        return _distillation_per_sample(
-            student_logits, targets, teacher_logits, beta1, beta2, temperature,
-            hinton_scaling=hinton_scaling, normalize_weights=normalize_weights,
-        )  # fmt: skip
     hard = cross_entropy(student_logits, targets)
     soft = soft_cross_entropy(student_logits, teacher_logits, temperature)
     if hinton_scaling:
@@ -82,11 +84,15 @@ def _column(v: Tensor | float) -> Tensor | float:
     return v.reshape(-1, 1) if isinstance(v, Tensor) and v.dim() > 0 else v
 
 
-def _distillation_per_sample(
-    s: Tensor, y: Tensor, t: Tensor, beta1: Tensor | float, beta2: Tensor | float,
-    temperature: Tensor | float, *, hinton_scaling: bool, normalize_weights: bool,
+def distillation_loss_per_sample(
+    s: Tensor, y: Tensor, t: Tensor, *, beta1: Tensor | float, beta2: Tensor | float,
+    temperature: Tensor | float, hinton_scaling: bool = False, normalize_weights: bool = False,
 ) -> Tensor:  # fmt: skip
-    """Eq. 4 with per-sample β1_i, β2_i, T_i (each (B,) or a scalar), averaged over the batch."""
+    """Eq. 4 with per-sample β1_i, β2_i, T_i (each (B,) or a scalar), averaged over the batch:
+    mean_i [β1_i·CE_i + β2_i·c_i·CE(softmax(t_i/T_i), softmax(s_i/T_i))] (c_i = T_i² with
+    ``hinton_scaling``; each term / (β1_i + β2_i) with ``normalize_weights``). A per-class
+    metaparameter λ of shape (K,) enters as λ[y] (:mod:`metakd.objectives`)."""
+    _same_shape(s, t)
     tt = _column(temperature)
     hard = F.cross_entropy(s, y, reduction="none")  # (B,)
     soft = -(torch.softmax(t / tt, dim=-1) * torch.log_softmax(s / tt, dim=-1)).sum(dim=-1)

@@ -176,7 +176,9 @@ class Distillation(Objective):
     ) -> Tensor:
         assert teacher_logits is not None, "the distillation objective needs teacher logits"
         b1, b2, t = (per_class(lam[n], targets) for n in ("beta1", "beta2", "temperature"))
-        return losses.distillation_loss(
+        scalar = all(v.dim() == 0 for v in (b1, b2, t))
+        loss = losses.distillation_loss if scalar else losses.distillation_loss_per_sample
+        return loss(
             logits, targets, teacher_logits, beta1=b1, beta2=b2, temperature=t,
             hinton_scaling=self.hinton_scaling, normalize_weights=self.normalize_weights,
         )  # fmt: skip
