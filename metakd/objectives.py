@@ -51,9 +51,9 @@ __all__ = [
 ]
 
 
-def per_class(value: Tensor, targets: Tensor) -> Tensor:
-    """λ of shape () → itself; of shape (K,) → (B,) with entry value[y_i] for sample i."""
-    return value if value.dim() == 0 else value[targets]
+def per_class(value: Tensor | float, targets: Tensor) -> Tensor | float:
+    """λ of shape () (or a number) → itself; of shape (K,) → (B,) with entry value[y_i] for sample i."""
+    return value[targets] if isinstance(value, Tensor) and value.dim() > 0 else value
 
 
 class Objective:
@@ -176,7 +176,7 @@ class Distillation(Objective):
     ) -> Tensor:
         assert teacher_logits is not None, "the distillation objective needs teacher logits"
         b1, b2, t = (per_class(lam[n], targets) for n in ("beta1", "beta2", "temperature"))
-        scalar = all(v.dim() == 0 for v in (b1, b2, t))
+        scalar = all(not isinstance(v, Tensor) or v.dim() == 0 for v in (b1, b2, t))
         loss = losses.distillation_loss if scalar else losses.distillation_loss_per_sample
         return loss(
             logits, targets, teacher_logits, beta1=b1, beta2=b2, temperature=t,
