@@ -413,7 +413,10 @@ def _train(
     rd.write_summary(result)  # written before the ledger entry: a failed calibration loses nothing
     result.update(ledger.run_cost(cfg, result))
     rd.write_summary(result)
-    log.info("finished %s: test accuracy %s", rd.path, result["test_accuracy"])
+    acc = result.get("test_accuracy")
+    log.info(
+        "finished %s: test accuracy %s", rd.path, f"{acc:.4f}" if isinstance(acc, float) else acc
+    )
     for cb in callbacks:
         cb.on_run_end(result)
     return result
