@@ -171,6 +171,23 @@ def test_a_module_in_the_working_directory_is_found_and_appended_once(cwd_module
     assert sys.path.count(str(tmp_path)) == 1
 
 
+def test_a_hypergradient_method_in_the_working_directory_is_found(cwd_module) -> None:
+    """meta.hypergrad.method=user_method:Mine imports like every other user component (item 13)."""
+    from metakd import methods
+
+    cwd_module(
+        "user_method",
+        """
+        from metakd.methods import LookAhead
+
+        class Mine(LookAhead):
+            pass
+        """,
+    )
+    cls = methods.get("user_method:Mine")
+    assert cls.__name__ == "Mine" and issubclass(cls, methods.HypergradMethod)
+
+
 def test_cwd_never_shadows_an_installed_module(cwd_module) -> None:
     cwd_module("json", "raise RuntimeError('the cwd json.py must not be imported')")
     assert plugins.load_object("json:dumps") is json.dumps
