@@ -137,17 +137,7 @@ _T = TypeVar("_T", bound=Callable[..., Any])
 
 def register(name: str) -> Callable[[_T], _T]:
     """Decorator adding a forecaster class (or factory returning one) under ``name``."""
-
-    def deco(obj: _T) -> _T:
-        if name in _REGISTRY:
-            raise ValueError(
-                f"forecaster {name!r} is already registered ({_REGISTRY[name][1]}); pick another name"
-            )
-        module = getattr(obj, "__module__", "?")
-        _REGISTRY[name] = (obj, "builtin" if module == __name__ else f"registered {module}")
-        return obj
-
-    return deco
+    return plugins.registrar(_REGISTRY, (name,), kind="forecaster", builtin=__name__.__eq__)
 
 
 def _entry_points() -> Sequence[importlib.metadata.EntryPoint]:

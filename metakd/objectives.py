@@ -91,17 +91,9 @@ _T = TypeVar("_T", bound=Callable[..., Any])
 
 def register(name: str) -> Callable[[_T], _T]:
     """Decorator adding an objective class (or a factory returning one) under ``name``."""
+    from metakd import plugins
 
-    def deco(obj: _T) -> _T:
-        if name in _REGISTRY:
-            raise ValueError(
-                f"objective {name!r} is already registered ({_REGISTRY[name][1]}); pick another name"
-            )
-        module = getattr(obj, "__module__", "?")
-        _REGISTRY[name] = (obj, "builtin" if module == __name__ else f"registered {module}")
-        return obj
-
-    return deco
+    return plugins.registrar(_REGISTRY, (name,), kind="objective", builtin=__name__.__eq__)
 
 
 def available() -> dict[str, str]:

@@ -36,8 +36,8 @@ import logging
 import os
 import sys
 import typing
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import Any, TypeVar
 
 from metakd.config import ConfigError
 
@@ -51,9 +51,37 @@ __all__ = [
     "load_forecaster",
     "load_model",
     "load_object",
+    "registrar",
 ]
 
 logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+
+
+def registrar(
+    registry: MutableMapping[str, tuple[Any, str]], names: tuple[str, ...], *, kind: str,
+    builtin: Callable[[str], bool],
+) -> Callable[[_R], _R]:  # fmt: skip
+    """The decorator behind every ``register`` of metakd (forecasters, objectives, hypergradient
+    methods): adds the object under each of ``names`` with its source (``builtin`` when
+    ``builtin(module)`` holds for the object's module, else ``registered <module>``). A name that is
+    already taken raises ValueError naming its holder, before anything is added."""
+
+    def deco(obj: _R) -> _R:
+        taken = [n for n in names if n in registry]
+        if taken:
+            raise ValueError(
+                f"{kind} {taken[0]!r} is already registered ({registry[taken[0]][1]}); "
+                "pick another name"
+            )
+        module = getattr(obj, "__module__", "?")
+        source = "builtin" if builtin(module) else f"registered {module}"
+        for n in names:
+            registry[n] = (obj, source)
+        return obj
+
+    return deco
 
 
 def describe(obj: Any) -> str:

@@ -28,21 +28,12 @@ def register(*names: str) -> Callable[[_T], _T]:
     """
     if not names:
         raise ValueError("register() needs at least one method name, e.g. @register('implicit')")
+    from metakd import plugins  # at call time: this module imports nothing from metakd at import
 
-    def deco(cls: _T) -> _T:
-        taken = [n for n in names if n in _REGISTRY]
-        if taken:
-            raise ValueError(
-                f"hypergradient method {taken[0]!r} is already registered "
-                f"({_REGISTRY[taken[0]][1]}); pick another name"
-            )
-        module = getattr(cls, "__module__", "?")
-        source = "builtin" if module.startswith("metakd.methods.") else f"registered {module}"
-        for n in names:
-            _REGISTRY[n] = (cls, source)
-        return cls
-
-    return deco
+    return plugins.registrar(
+        _REGISTRY, names, kind="hypergradient method",
+        builtin=lambda module: module.startswith("metakd.methods."),
+    )  # fmt: skip
 
 
 def _load_builtins() -> None:
