@@ -137,8 +137,8 @@ def test_trainer_refuses_metaparameters_nobody_reads(task):  # noqa: F811
          r"meta.params.lr: .*unroll_optimizer=sgd.*do: finite-difference, forward, online, reverse"),
         (["meta.params.lr.init=0.1", "meta.hypergrad.backend=torchopt"],
          r"meta.params.lr: .*backend=torchopt"),
-        (["meta.params.weight_decay.init=0.1", "meta.hypergrad.method=implicit"],
-         r"meta.params.weight_decay: meta.hypergrad.method=implicit does not differentiate"),
+        (["meta.params.lr.init=0.1", "meta.hypergrad.method=implicit"],
+         r"meta.params.lr: meta.hypergrad.method=implicit does not differentiate"),
     ]  # fmt: skip
     for over, msg in cases:
         with pytest.raises(ConfigError, match=msg):

@@ -523,6 +523,49 @@ def test_implicit_hypergradient_at_a_stationary_point_is_the_limit_of_long_unrol
         assert float(grads[n]) == pytest.approx(float(ref.grads[n]), rel=2e-3), n
 
 
+def test_implicit_hypergradient_of_a_learned_weight_decay_at_its_stationary_point(task):
+    """meta.params.weight_decay with meta.hypergrad.method=implicit: at w* minimising L_train +
+    wd(λ)/2‖w‖² the IFT hypergradient of the raw weight decay (and of β1, β2, T) equals the reverse
+    unroll of 400 SGD steps from w* whose weight decay is written out as σ(raw wd) — an independent
+    engine and an independent binding."""
+    splits, logits = task
+    cfg = _cfg(
+        "meta.method=hypergrad", "meta.hypergrad.method=implicit", "train.optimizer=sgd",
+        "meta.params.weight_decay.init=0.1", "train.batch_size=15", "meta.unroll=1",
+        "meta.hypergrad.implicit.iterations=50",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
+    batch = trainer.batch(0)
+    wd = float(torch.sigmoid(trainer.meta.raw["weight_decay"].detach()))  # sigmoid spec on (0, 1)
+    assert wd == pytest.approx(0.1)
+    fit = optim.sgd(0.5, weight_decay=wd)
+    w = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state = fit.init(w)
+    raw = {n: v.detach() for n, v in trainer.meta.raw.items()}
+    for _ in range(3000):
+        leaves = {n: p.requires_grad_(True) for n, p in ((n, p.detach()) for n, p in w.items())}
+        g = torch.autograd.grad(trainer.train_loss(leaves, raw, batch), list(leaves.values()))
+        w, state = fit.update(
+            dict(zip(leaves, g)), state, {n: p.detach() for n, p in leaves.items()}
+        )
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            p.copy_(w[n])
+    grads, finite = trainer.hypergradient(0)
+    assert finite and set(grads) == {"beta1", "beta2", "temperature", "weight_decay"}
+    res = trainer.schedule.method.last
+    assert res is not None and res.stationarity < 1e-5 and res.solve_residual < 1e-5
+    unroll = optim.sgd(0.5, weight_decay=lambda m: torch.sigmoid(m["weight_decay"]))
+    ref = metakd.hypergrad.hypergradient(
+        trainer.train_loss, trainer.val_loss, w, trainer.meta.raw, [batch] * 400,
+        trainer.val_batch(0), optimizer=unroll, method="reverse",
+    )  # fmt: skip
+    for n in grads:
+        assert float(ref.grads[n].abs()) > 1e-4, n
+        assert float(grads[n]) == pytest.approx(float(ref.grads[n]), rel=2e-3), n
+
+
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
 def test_implicit_run_trains_and_moves_lambda(task, solver):
     trainer, rows, summary = _run(

@@ -11,7 +11,8 @@ product by CG or a Neumann series (``meta.hypergrad.implicit.solver``, ``iterati
 ``neumann_lr``, ``hvp``). No unroll and no tangents: the cost is J Hessian-vector products whatever the
 number of metaparameters. It is exact only where w_s is stationary; during training it is not, and
 ``last`` (the :class:`~metakd.implicit.ImplicitResult` of the latest meta step) reports ‖∇_w L_train +
-wd·w‖ there. A learning-rate metaparameter does not move the stationary point and is refused.
+wd·w‖ there. A learned weight decay (``meta.params.weight_decay``) moves the stationary point and is
+differentiated; a learning-rate metaparameter does not move it and is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from metakd import optim
 from metakd.config import ConfigError
 from metakd.implicit import ImplicitResult, ImplicitSolver, implicit_hypergradient
 from metakd.methods.base import Grads, HypergradMethod
@@ -38,6 +38,7 @@ class Implicit(HypergradMethod):
     """IFT hypergradient at the current weights; ``last`` holds the latest :class:`ImplicitResult`."""
 
     last: ImplicitResult | None = None
+    optimizer_metaparams: tuple[str, ...] = ("weight_decay",)
 
     def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
@@ -70,7 +71,7 @@ class Implicit(HypergradMethod):
         assert tr.meta is not None
         named = dict(tr.model.named_parameters())
         vb = tr.val_batch(step) if val_batch is None else val_batch
-        inner, state = optim.from_torch(tr.optimizer, named)  # its weight decay enters r(w, λ)
+        inner, state = tr.inner_optimizer()  # its weight decay (learned or not) enters r(w, λ)
         steps = range(step, step + self.eta) if train_steps is None else train_steps
         try:
             res = implicit_hypergradient(
