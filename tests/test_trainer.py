@@ -483,21 +483,19 @@ def test_online_needs_the_real_optimizer():
         load_config(None, ["meta.hypergrad.method=online", "meta.hypergrad.unroll_optimizer=sgd"])
 
 
-def test_implicit_hypergradient_at_a_stationary_point_is_the_limit_of_long_unrolls(task):
-    """meta.hypergrad.method=implicit at weights w* that minimise L_train + wd/2‖w‖² on the full train
-    batch (SGD student with weight decay: its fixed points) against an independent engine: the reverse
-    unroll of 400 steps started at w*, whose dw/dλ tends to the IFT's −A⁻¹∂r/∂λ (the fixed point does
-    not depend on the unroll's learning rate, so a larger one converges faster)."""
+def _implicit_at_a_fixed_point(task, wd_override: str, wd: float):
+    """A meta.hypergrad.method=implicit trainer (SGD student, weight decay ``wd`` set by
+    ``wd_override``) whose weights were moved to w* minimising L_train + wd/2‖w‖² on the full train
+    batch (3,000 SGD steps); returns (trainer, batch, w*, its IFT hypergradient)."""
     splits, logits = task
     cfg = _cfg(
         "meta.method=hypergrad", "meta.hypergrad.method=implicit", "train.optimizer=sgd",
-        "train.weight_decay=0.1", "train.batch_size=15", "meta.unroll=1",
-        "meta.hypergrad.implicit.iterations=50",
+        wd_override, "train.batch_size=15", "meta.unroll=1", "meta.hypergrad.implicit.iterations=50",
     )  # fmt: skip
     torch.manual_seed(0)
     trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
     batch = trainer.batch(0)
-    fit = optim.sgd(0.5, weight_decay=0.1)
+    fit = optim.sgd(0.5, weight_decay=wd)
     w = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     state = fit.init(w)
     raw = {n: v.detach() for n, v in trainer.meta.raw.items()}
@@ -514,9 +512,18 @@ def test_implicit_hypergradient_at_a_stationary_point_is_the_limit_of_long_unrol
     assert finite
     res = trainer.schedule.method.last
     assert res is not None and res.stationarity < 1e-5 and res.solve_residual < 1e-5
+    return trainer, batch, w, grads
+
+
+def test_implicit_hypergradient_at_a_stationary_point_is_the_limit_of_long_unrolls(task):
+    """meta.hypergrad.method=implicit at weights w* that minimise L_train + wd/2‖w‖² on the full train
+    batch (SGD student with weight decay: its fixed points) against an independent engine: the reverse
+    unroll of 400 steps started at w*, whose dw/dλ tends to the IFT's −A⁻¹∂r/∂λ (the fixed point does
+    not depend on the unroll's learning rate, so a larger one converges faster)."""
+    trainer, batch, w, grads = _implicit_at_a_fixed_point(task, "train.weight_decay=0.1", 0.1)
     ref = metakd.hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, w, trainer.meta.raw, [batch] * 400,
-        trainer.val_batch(0), optimizer=fit, method="reverse",
+        trainer.val_batch(0), optimizer=optim.sgd(0.5, weight_decay=0.1), method="reverse",
     )  # fmt: skip
     for n in grads:
         assert float(ref.grads[n].abs()) > 1e-4, n
@@ -528,34 +535,12 @@ def test_implicit_hypergradient_of_a_learned_weight_decay_at_its_stationary_poin
     wd(λ)/2‖w‖² the IFT hypergradient of the raw weight decay (and of β1, β2, T) equals the reverse
     unroll of 400 SGD steps from w* whose weight decay is written out as σ(raw wd) — an independent
     engine and an independent binding."""
-    splits, logits = task
-    cfg = _cfg(
-        "meta.method=hypergrad", "meta.hypergrad.method=implicit", "train.optimizer=sgd",
-        "meta.params.weight_decay.init=0.1", "train.batch_size=15", "meta.unroll=1",
-        "meta.hypergrad.implicit.iterations=50",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
-    batch = trainer.batch(0)
-    wd = float(torch.sigmoid(trainer.meta.raw["weight_decay"].detach()))  # sigmoid spec on (0, 1)
-    assert wd == pytest.approx(0.1)
-    fit = optim.sgd(0.5, weight_decay=wd)
-    w = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    state = fit.init(w)
-    raw = {n: v.detach() for n, v in trainer.meta.raw.items()}
-    for _ in range(3000):
-        leaves = {n: p.requires_grad_(True) for n, p in ((n, p.detach()) for n, p in w.items())}
-        g = torch.autograd.grad(trainer.train_loss(leaves, raw, batch), list(leaves.values()))
-        w, state = fit.update(
-            dict(zip(leaves, g)), state, {n: p.detach() for n, p in leaves.items()}
-        )
-    with torch.no_grad():
-        for n, p in trainer.model.named_parameters():
-            p.copy_(w[n])
-    grads, finite = trainer.hypergradient(0)
-    assert finite and set(grads) == {"beta1", "beta2", "temperature", "weight_decay"}
-    res = trainer.schedule.method.last
-    assert res is not None and res.stationarity < 1e-5 and res.solve_residual < 1e-5
+    trainer, batch, w, grads = _implicit_at_a_fixed_point(
+        task, "meta.params.weight_decay.init=0.1", 0.1
+    )
+    # the sigmoid spec on (0, 1) holds 0.1: w* above is its fixed point
+    assert float(torch.sigmoid(trainer.meta.raw["weight_decay"].detach())) == pytest.approx(0.1)
+    assert set(grads) == {"beta1", "beta2", "temperature", "weight_decay"}
     unroll = optim.sgd(0.5, weight_decay=lambda m: torch.sigmoid(m["weight_decay"]))
     ref = metakd.hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, w, trainer.meta.raw, [batch] * 400,
