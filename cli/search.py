@@ -54,6 +54,8 @@ EPILOG = (
     "--retrain-seeds 5\n\n"
     "  metakd search CFG --sampler random --out runs/s --storage journal:runs/s/study.journal "
     "--worker 1   [dim]# a second worker on one study[/dim]\n\n"
+    "  metakd search CFG --sampler grid --grid ... --out runs/g "
+    "--import-results docs/reproduction/g   [dim]# continue a committed study[/dim]\n\n"
     "Rerun the same command to continue a study: finished trials are kept, interrupted ones rerun. "
     "Trials are fixed-λ runs in OUT/trials/, scored on validation accuracy; results.md, "
     "results.json and trials.csv in OUT; [bold]metakd report OUT[/bold] draws search.png."
@@ -116,6 +118,14 @@ def search(
         Path | None,
         typer.Option("--out", "-o", help="Study directory (default runs/<name>-search-<sampler>)."),
     ] = None,
+    import_results: Annotated[
+        Path | None,
+        typer.Option(
+            "--import-results",
+            help="Continue from an earlier study's or pipeline's results.json (or its directory) "
+            "whose run directories are gone, e.g. one committed from another machine.",
+        ),
+    ] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     wandb: WandbOpt = None,
@@ -149,6 +159,7 @@ def search(
                 results: dict[str, Any] = run_pipeline(
                     cfg, out_dir=out_dir, seeds=seeds, finder_epochs=epochs,
                     callbacks_factory=lambda *a: [bar.run_callback(), *wb()],
+                    import_results=import_results,
                 )  # fmt: skip
         else:
             from metakd.search import run_search
@@ -181,6 +192,7 @@ def search(
                     space=space.value, grid=grid or [], pruner=pruner.value, storage=storage,
                     study_name=study_name, sampler_seed=sampler_seed, worker=worker,
                     retrain_seeds=seeds, callbacks_factory=factory, on_trial=on_trial,
+                    import_results=import_results,
                 )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(results, default=str))

@@ -55,10 +55,14 @@ def run_pipeline(
     callbacks_factory: CallbacksFactory | None = None,
     train_fn: TrainFn | None = None,
     say: Callable[[str], None] | None = None,
+    import_results: str | Path | None = None,
 ) -> dict[str, Any]:
     """Finder (``cfg`` with ``train.epochs=finder_epochs``) then retrain (``meta.method=fixed`` at
     the finder's final λ, ``cfg.train.epochs``) per seed; writes and returns the results (kind
-    ``pipeline``: per seed λ, accuracies, seconds and cost in plain runs; mean ± sample std)."""
+    ``pipeline``: per seed λ, accuracies, seconds and cost in plain runs; mean ± sample std),
+    rewritten after every seed. ``import_results``: an earlier pipeline's ``results.json`` (or its
+    directory) whose seeds are taken as done where their run directories are gone
+    (:mod:`metakd.search_resume`); its finder method, epochs and meta optimizer must match."""
     if cfg.meta.method not in ("hypergrad", "forecast"):
         raise ConfigError(
             f"the pipeline's finder tunes λ by hypergradients, but meta.method={cfg.meta.method!r}; "
@@ -74,6 +78,25 @@ def run_pipeline(
     train = train_fn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    known: dict[int, dict[str, Any]] = {}
+    if import_results is not None:
+        from metakd import search_resume
+
+        report = search_resume.load_report(import_results, "pipeline", out)
+        known = search_resume.known_rows(report, check={
+            "name": cfg.name, "finder_method": cfg.meta.method, "finder_epochs": int(finder_epochs),
+            "epochs": cfg.train.epochs, "meta_optimizer": _meta_optimizer(cfg),
+        })  # fmt: skip
+        if "config" in report:  # reports from before it was recorded: the fields above only
+            from metakd.rundir import _diff_keys
+            from metakd.search import _comparable
+
+            keys = sorted(_diff_keys(_comparable(report["config"]), _settings(cfg)))
+            if keys:
+                raise ConfigError(
+                    f"--import-results: the report's pipeline ran with other settings (config "
+                    f"keys {', '.join(keys)}); rerun with its settings or pass another --out"
+                )
 
     def run(run_cfg: Config, run_dir: Path, label: str) -> dict[str, Any]:
         summary = _done(run_dir)
@@ -88,9 +111,15 @@ def run_pipeline(
 
     rows: list[dict[str, Any]] = []
     for s in seeds:
+        fdir, rdir = out / "finder" / f"seed-{s}", out / "retrain" / f"seed-{s}"
+        if int(s) in known and _done(fdir) is None and _done(rdir) is None:
+            if say:
+                say(f"seed {s}: imported from {known[int(s)]['imported_from']}")
+            rows.append(known[int(s)])
+            _write(out, cfg, finder_epochs, [*known.values(), *rows])
+            continue
         data = config_to_dict(cfg)
         data["seed"] = int(s)
-        fdir, rdir = out / "finder" / f"seed-{s}", out / "retrain" / f"seed-{s}"
         data["out"] = str(fdir)
         data["train"]["epochs"] = int(finder_epochs)
         data["wandb"]["group"] = f"{cfg.name}-pipeline-finder"
@@ -114,18 +143,71 @@ def run_pipeline(
                         "cpu_seconds")},
             "finder_cost": fw / rw, "cost": (fw + rw) / rw, "cost_cpu": cost_cpu,
         })  # fmt: skip
+        _write(out, cfg, finder_epochs, [*known.values(), *rows])
+    return _write(out, cfg, finder_epochs, [*known.values(), *rows])
+
+
+def _write(
+    out: Path, cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write the results of every finished seed in ``out``: ``rows`` (an imported report's and this
+    call's, later ones winning) and those of other processes (e.g. seeds 0-2 and 3-4 side by side) already in its ``results.json`` with the same
+    settings; under a lock, so side-by-side processes do not drop each other's rows."""
+    import fcntl
+
+    with open(out / ".results.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        merged = {int(r["seed"]): r for r in [*_earlier_rows(out, cfg, finder_epochs), *rows]}
+        results = _results(cfg, finder_epochs, [merged[k] for k in sorted(merged)])
+        write_results(out, results)
+        return results
+
+
+def _earlier_rows(out: Path, cfg: Config, finder_epochs: int) -> list[dict[str, Any]]:
+    try:
+        old = json.loads((out / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    same = (
+        isinstance(old, dict) and old.get("kind") == "pipeline"
+        and old.get("finder_epochs") == int(finder_epochs)
+    )  # fmt: skip
+    if same:
+        from metakd.search import _comparable
+
+        same = _comparable(old.get("config")) == _settings(cfg)
+    return list(old.get("runs") or []) if same else []
+
+
+def _meta_optimizer(cfg: Config) -> str:
+    return f"{cfg.meta.optimizer} lr {cfg.meta.lr:g}"
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    """The pipeline's config less what varies per run (out, seed, W&B mode): an imported report
+    must have been made with the same."""
+    from metakd.search import _comparable
+
+    conf = config_to_dict(cfg)
+    conf.pop("seed", None)
+    full: dict[str, Any] = _comparable(conf)
+    return full
+
+
+def _results(cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     acc, acc_sd = mean_std([r["test_accuracy"] for r in rows])
     cost, cost_sd = mean_std([r["cost"] for r in rows])
     cpu, cpu_sd = mean_std([r["cost_cpu"] for r in rows])
     results = {
         "kind": "pipeline", "name": cfg.name, "finder_method": cfg.meta.method,
         "finder_epochs": int(finder_epochs),
-        "meta_optimizer": f"{cfg.meta.optimizer} lr {cfg.meta.lr:g}", "epochs": cfg.train.epochs, "seeds": list(seeds),
+        "meta_optimizer": _meta_optimizer(cfg), "epochs": cfg.train.epochs,
+        "seeds": [r["seed"] for r in rows],
         "runs": rows, "summary": {
             "test_accuracy_mean": acc, "test_accuracy_std": acc_sd, "cost_mean": cost,
             "cost_std": cost_sd, "cost_cpu_mean": cpu, "cost_cpu_std": cpu_sd,
         },
         "cost_definition": "(finder + retrain wall seconds) / retrain wall seconds",
+        "config": _settings(cfg),
     }  # fmt: skip
-    write_results(out, results)
     return results

@@ -328,15 +328,20 @@ def run_search(
     callbacks_factory: CallbacksFactory | None = None,
     train_fn: TrainFn | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    import_results: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a search study in ``out_dir`` until it holds ``trials`` finished trials
     (complete or pruned), retrain its validation-best λ on ``retrain_seeds``, and write
     ``results.json``/``results.md``/``trials.csv`` there (:mod:`metakd.search_report`). Returns the
     results. ``worker`` offsets the sampler seed: parallel processes sharing a study pass distinct
-    values so random/TPE draws differ; ``train_fn`` defaults to :func:`metakd.run.train_run`."""
+    values so random/TPE draws differ; ``train_fn`` defaults to :func:`metakd.run.train_run`.
+    ``import_results``: a study directory or ``results.json`` whose trials (and the retrains of its
+    best) this study continues from, when their run directories are gone (:mod:`metakd.search_resume`).
+    Results are rewritten after every finished trial; the retrain on the search's own seed
+    (``cfg.seed``) is the best trial's run itself (the same fixed-λ run), not a second one."""
     import optuna
 
-    from metakd import search_report
+    from metakd import search_report, search_resume
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
@@ -348,6 +353,7 @@ def run_search(
         raise ConfigError(f"--grid is for --sampler grid, not {sampler!r}")
     if grid_values is not None:
         trials = min(trials, math.prod(len(v) for v in grid_values.values()))
+    report = search_resume.load_report(import_results, "search", out) if import_results else None
     _check_settings(out, cfg, sampler, sp, grid_values, pruner)
     if train_fn is None:
         from metakd.run import train_run as train_fn
@@ -358,6 +364,12 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or out.resolve().name
     probe = optuna.load_study(study_name=name, storage=store) if _exists(store, name) else None
+    if report is not None:
+        if probe is None:
+            probe = optuna.create_study(study_name=name, storage=store, direction="maximize",
+                                        load_if_exists=True)  # fmt: skip
+        grid_sampler = _sampler(sampler, grid_values, sampler_seed, trials)
+        search_resume.import_trials(probe, report, sp, sampler, grid_sampler, out)
     n_before = len(probe.trials) if probe is not None else 0
     # Random/TPE: a resumed or parallel process draws from another seed, or it would repeat the
     # draws of the first. Grid: always the same seed — GridSampler maps trial numbers to grid points
@@ -414,15 +426,23 @@ def run_search(
                       "val_accuracy": val})  # fmt: skip
         return float(val)
 
+    def current(*_: Any) -> dict[str, Any]:
+        return search_report.study_results(study, out, sampler=sampler, space=sp, pruner=pruner,
+                                           budget=trials)  # fmt: skip
+
+    def write(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state in counted:  # a long study's report is current after every trial
+            search_report.write_results(out, current())
+
     done = len(study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING)))
     if done < trials:
         stop = optuna.study.MaxTrialsCallback(trials, states=(*counted, TrialState.RUNNING))
-        study.optimize(objective, n_trials=trials - done, callbacks=[stop], catch=())
-    results = search_report.study_results(study, out, sampler=sampler, space=sp,
-                                          pruner=pruner, budget=trials)  # fmt: skip
+        study.optimize(objective, n_trials=trials - done, callbacks=[stop, write], catch=())
+    results = current()
     if retrain_seeds and results.get("best") is not None:
-        results["retrain"] = _retrain(cfg, results["best"], retrain_seeds, out, train,
-                                      callbacks_factory)  # fmt: skip
+        known = search_resume.known_rows(report, trial=int(results["best"]["number"]))
+        results["retrain"] = _retrain(cfg, results, retrain_seeds, out, train,
+                                      callbacks_factory, known)  # fmt: skip
     search_report.write_results(out, results)
     return results
 
@@ -468,22 +488,33 @@ def _comparable(conf: Any) -> Any:
     return full
 
 
-def _retrain(cfg: Config, best: Mapping[str, Any], seeds: Sequence[int], out: Path, train: TrainFn,
-             callbacks_factory: CallbacksFactory | None) -> list[dict[str, Any]]:  # fmt: skip
-    """Fixed-λ runs at the best trial's λ on each seed, in ``retrain/trial-XXXX/seed-<s>``."""
+def _retrain(cfg: Config, results: Mapping[str, Any], seeds: Sequence[int], out: Path,
+             train: TrainFn, callbacks_factory: CallbacksFactory | None,
+             known: Mapping[int, dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Fixed-λ runs at the best trial's λ on each seed, in ``retrain/trial-XXXX/seed-<s>``. On the
+    search's own seed the best trial *is* that run (same config, seed and code; CPU training is
+    deterministic): its row is reused (``reused_trial``, no extra cost). ``known``: rows of an
+    imported report, by seed, used where the run directory is gone."""
+    best = results["best"]
+    trial_row = next(t for t in results["trials"] if t["number"] == best["number"])
+    keys = ("test_accuracy", "val_accuracy", "steps", "wall_seconds", "cpu_seconds")
     rows = []
     for s in seeds:
         run_dir = out / "retrain" / f"trial-{int(best['number']):04d}" / f"seed-{s}"
         summary = _read_summary(run_dir)
+        if summary is None and int(s) == cfg.seed and trial_row.get("test_accuracy") is not None:
+            rows.append({"seed": int(s), "run_dir": trial_row["run_dir"], "reused_trial": True,
+                         **{k: trial_row.get(k) for k in keys}})  # fmt: skip
+            continue
+        if summary is None and int(s) in known:
+            rows.append(dict(known[int(s)]))
+            continue
         if summary is None:
             rcfg = _trial_config(cfg, best["values"], run_dir, "search-retrain")
             rcfg.seed = int(s)
             cbs = list(callbacks_factory(rcfg, run_dir)) if callbacks_factory else []
             summary = train(rcfg, run_dir, resume=(run_dir / "config.yaml").is_file(),
                             callbacks=cbs)  # fmt: skip
-        rows.append({
-            "seed": int(s), "run_dir": run_dir.relative_to(out).as_posix(),
-            **{k: summary.get(k) for k in ("test_accuracy", "val_accuracy", "steps",
-                                           "wall_seconds", "cpu_seconds")},
-        })  # fmt: skip
+        rows.append({"seed": int(s), "run_dir": run_dir.relative_to(out).as_posix(),
+                     **{k: summary.get(k) for k in keys}})  # fmt: skip
     return rows

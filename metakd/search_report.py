@@ -111,8 +111,9 @@ def study_results(study: optuna.Study, out: Path, *, sampler: str, space: Search
 def _retrain_block(results: dict[str, Any]) -> None:
     rows = results.get("retrain") or []
     plain = (results.get("reference") or {}).get("wall_seconds")
-    for r in rows:
-        r["cost"] = r["wall_seconds"] / plain if plain and r.get("wall_seconds") else None
+    for r in rows:  # a reused trial (the search seed's own run) costs nothing more
+        r["cost"] = (0.0 if r.get("reused_trial") else
+                     r["wall_seconds"] / plain if plain and r.get("wall_seconds") else None)  # fmt: skip
     mean, std = mean_std([r.get("test_accuracy") for r in rows])
     results["retrain_summary"] = {
         "seeds": [r["seed"] for r in rows], "test_accuracy_mean": mean, "test_accuracy_std": std,
@@ -175,7 +176,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines += ["", f"Retrained at trial {best.get('number')}'s λ:", "",
                   "| seed | test acc | cost (plain runs) |", "|---:|---:|---:|"]  # fmt: skip
         for r in results.get("retrain") or []:
-            lines.append(f"| {r['seed']} | {_f(r['test_accuracy'])} | {_f(r.get('cost'), 2)} |")
+            note = (" (the trial's own run)" if r.get("reused_trial") else
+                    " (imported)" if r.get("imported_from") else "")  # fmt: skip
+            lines.append(
+                f"| {r['seed']}{note} | {_f(r['test_accuracy'])} | {_f(r.get('cost'), 2)} |"
+            )
         lines.append(
             f"\nMean ± sample std: {_pm(rs['test_accuracy_mean'], rs['test_accuracy_std'])}."
         )

@@ -309,3 +309,128 @@ def test_median_pruner_prunes_on_validation_and_counts_the_saving(cache, tmp_pat
     assert res["cost"]["pruning_saved"] == pytest.approx(sum(1 - t["cost"] for t in pruned))
     assert res["cost"]["plain_runs"] == pytest.approx(sum(t["cost"] for t in res["trials"]))
     assert math.isclose(res["cost"]["plain_runs"] + res["cost"]["pruning_saved"], 5, rel_tol=1e-9)
+
+
+def _fake_train(calls: list):
+    """A stand-in for train_run: a deterministic score of λ (no training), recording each call."""
+
+    def train(cfg, run_dir, resume=False, callbacks=()):
+        v = dict(cfg.meta.values) if cfg.meta.method == "fixed" else {"beta1": 0.3, "beta2": 0.7,
+                                                                       "temperature": 2.0}  # fmt: skip
+        calls.append((cfg.meta.method, cfg.seed, v))
+        score = 0.5 + 0.1 * math.sin(7 * v["beta1"] + v["temperature"]) + 0.01 * cfg.seed
+        return {"status": "completed", "steps": cfg.train.epochs, "wall_seconds": 2.0,
+                "cpu_seconds": 2.0, "val_accuracy": score, "test_accuracy": score - 0.01,
+                "meta": v, "method": cfg.meta.method}  # fmt: skip
+
+    return train
+
+
+def _commit(out: Path, to: Path) -> Path:
+    """What a sitting commits of a study: its report, not its runs (the directory is deleted)."""
+    import shutil
+
+    to.mkdir(parents=True)
+    for name in ("results.json", "search.json"):
+        if (out / name).is_file():
+            shutil.copyfile(out / name, to / name)
+    shutil.rmtree(out)
+    return to
+
+
+def test_grid_study_continues_from_its_committed_report_alone(cache, tmp_path):
+    cfg = _cfg(cache)
+    whole = run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "whole", grid=GRID,
+                       retrain_seeds=[0, 1])  # fmt: skip
+    # the retrain on the search's own seed is the best trial's run: an independent run agrees
+    own = whole["retrain"][0]
+    assert own["reused_trial"] and own["cost"] == 0.0 and whole["retrain"][1]["cost"] > 0
+    assert not list((tmp_path / "whole" / "retrain").rglob("seed-0"))
+    ref = train_run(
+        _cfg(cache, "seed=0", "meta.method=fixed",
+             *(f"meta.values.{k}={v!r}" for k, v in whole["best"]["values"].items())),
+        tmp_path / "independent",
+    )  # fmt: skip
+    assert own["test_accuracy"] == ref["test_accuracy"]
+    # a sitting runs half the grid and commits its report; the next continues from it alone
+    run_search(cfg, sampler="grid", trials=2, out_dir=tmp_path / "part", grid=GRID)
+    committed = _commit(tmp_path / "part", tmp_path / "committed")
+    calls: list = []
+
+    def counting(c, run_dir, **kw):
+        calls.append(c.meta.values)
+        return train_run(c, run_dir, **kw)
+
+    cont = run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "cont", grid=GRID,
+                      retrain_seeds=[0, 1], import_results=committed, train_fn=counting)  # fmt: skip
+    keys = ("number", "state", "params", "val_accuracy", "test_accuracy", "steps")
+    assert [[t[k] for k in keys] for t in cont["trials"]] == [
+        [t[k] for k in keys] for t in whole["trials"]
+    ]  # the same study as the uninterrupted one, the same best and retrains
+    assert cont["best"]["params"] == whole["best"]["params"]
+    assert [r["test_accuracy"] for r in cont["retrain"]] == [
+        r["test_accuracy"] for r in whole["retrain"]
+    ]
+    assert len(calls) == 3  # the two trials not in the report, and the retrain on seed 1
+    # importing again into the continued study adds nothing; a report of another kind is refused
+    run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "cont", grid=GRID,
+               import_results=committed, train_fn=_no_training)  # fmt: skip
+    with pytest.raises(ConfigError, match="different sampler, grid"):
+        run_search(cfg, sampler="random", trials=4, out_dir=tmp_path / "other",
+                   import_results=committed / "results.json")  # fmt: skip
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "x", grid=GRID,
+                   import_results=tmp_path / "nowhere")  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_random_and_tpe_continue_a_report_with_new_points(cache, tmp_path, sampler):
+    cfg = _cfg(cache)
+    calls: list = []
+    first = run_search(cfg, sampler=sampler, trials=3, out_dir=tmp_path / "a",
+                       train_fn=_fake_train(calls))  # fmt: skip
+    committed = _commit(tmp_path / "a", tmp_path / "committed")
+    calls.clear()
+    cont = run_search(cfg, sampler=sampler, trials=6, out_dir=tmp_path / "b",
+                      import_results=committed, train_fn=_fake_train(calls))  # fmt: skip
+    assert len(calls) == 3  # only the new trials train
+    assert [t["params"] for t in cont["trials"][:3]] == [t["params"] for t in first["trials"]]
+    assert [t["cost"] for t in cont["trials"][:3]] == [t["cost"] for t in first["trials"]]
+    points = [tuple(t["params"].values()) for t in cont["trials"]]
+    assert len(set(points)) == 6  # the sampler does not redraw the report's points
+    # a settings change against the committed search.json is refused
+    with pytest.raises(ConfigError, match="different config"):
+        run_search(_cfg(cache, "train.lr=0.5"), sampler=sampler, trials=6,
+                   out_dir=tmp_path / "c", import_results=committed)  # fmt: skip
+
+
+def test_pipeline_continues_from_its_committed_report(cache, tmp_path):
+    from metakd.pipeline import run_pipeline
+
+    cfg = _cfg(cache)
+    calls: list = []
+    first = run_pipeline(cfg, out_dir=tmp_path / "p", seeds=[0, 1], finder_epochs=20,
+                         train_fn=_fake_train(calls))  # fmt: skip
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["seeds"] == [0, 1]
+    # a second process on other seeds of the same directory adds its rows to the same report
+    side = run_pipeline(cfg, out_dir=tmp_path / "p", seeds=[3], finder_epochs=20,
+                        train_fn=_fake_train(calls))  # fmt: skip
+    assert side["seeds"] == [0, 1, 3] and side["runs"][:2] == first["runs"]
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["seeds"] == [0, 1, 3]
+    committed = _commit(tmp_path / "p", tmp_path / "committed")
+    calls.clear()
+    cont = run_pipeline(cfg, out_dir=tmp_path / "q", seeds=[0, 1, 2], finder_epochs=20,
+                        train_fn=_fake_train(calls), import_results=committed)  # fmt: skip
+    assert [c[:2] for c in calls] == [("hypergrad", 2), ("fixed", 2)]  # seed 2 only
+    assert cont["seeds"] == [0, 1, 2, 3]  # seed 3: the report's, not asked for, still listed
+    assert cont["runs"][:2] == [{**r, "imported_from": str(committed / "results.json")}
+                                for r in first["runs"]]  # fmt: skip
+    with pytest.raises(ConfigError, match="finder_epochs=20, this command 30"):
+        run_pipeline(cfg, out_dir=tmp_path / "r", seeds=[0], finder_epochs=30,
+                     train_fn=_fake_train(calls), import_results=committed)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config keys train.lr"):
+        run_pipeline(_cfg(cache, "train.lr=0.5"), out_dir=tmp_path / "s", seeds=[0],
+                     finder_epochs=20, train_fn=_fake_train(calls), import_results=committed)  # fmt: skip
+    with pytest.raises(ConfigError, match="of kind 'pipeline'"):
+        run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "t", grid=GRID,
+                   import_results=committed)  # fmt: skip
