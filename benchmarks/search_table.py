@@ -15,11 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from metakd.search_report import lambda_text as _lam
 from metakd.search_report import mean_std, search_figure
-
-
-def _lam(v: dict) -> str:
-    return f"β1 {v['beta1']:.3g}, β2 {v['beta2']:.3g}, T {v['temperature']:.3g}"
 
 
 def _pm(m: float | None, s: float | None, d: int = 4) -> str:

@@ -224,8 +224,9 @@ class HypergradConfig(_Strict):
 class MetaConfig(_Strict):
     method: Literal["baseline", "fixed", "random", "hypergrad", "forecast"] = "hypergrad"
     params: dict[str, MetaParamSpec] = Field(default_factory=_default_meta_params)
-    values: dict[str, float] = Field(
-        default_factory=dict, description="method=fixed: constrained value per metaparameter"
+    values: dict[str, float | list[float]] = Field(
+        default_factory=dict,
+        description="method=fixed: constrained value per metaparameter (a list for shape [K])",
     )
     unroll: int = Field(default=1, ge=1, description="η: inner steps unrolled per hypergradient")
     every: int = Field(default=1, ge=1, description="a meta step every N training steps")
@@ -259,8 +260,19 @@ class MetaConfig(_Strict):
                 f"{temp.constraint} with lo={temp.lo}; use lo > 0 (the paper: lo=0.1) or "
                 "constraint exp"
             )
-        if "temperature" in self.values and not self.values["temperature"] > 0:
-            raise ValueError(f"values.temperature must be > 0, got {self.values['temperature']}")
+        for name, value in self.values.items():
+            shape = self.params[name].shape
+            if isinstance(value, list) and (len(shape) != 1 or len(value) != shape[0]):
+                want = f"shape {shape}" if shape else "a scalar: give one number"
+                raise ValueError(
+                    f"values.{name} has {len(value)} entries, but params.{name} is {want}"
+                )
+            # one number for a shaped metaparameter sets every entry (MetaParams.set_values)
+        temps = self.values.get("temperature")
+        if temps is not None and not all(
+            t > 0 for t in (temps if isinstance(temps, list) else [temps])
+        ):
+            raise ValueError(f"values.temperature must be > 0, got {temps}")
         hc = self.hypergrad
         if hc.method == "online" and (hc.unroll_optimizer != "match" or hc.backend != "func"):
             raise ValueError(

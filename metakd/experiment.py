@@ -63,7 +63,7 @@ def _finished(run_dir: Path) -> bool:
     return summary is not None and summary.get("status") != "failed"
 
 
-def _optimal_values(out_dir: Path, seed: int) -> dict[str, float]:
+def _optimal_values(out_dir: Path, seed: int) -> dict[str, float | list[float]]:
     """Final constrained λ of the hypergrad run of ``seed`` (its ``summary.json`` ``meta``)."""
     hyper = run_dir_for(out_dir, "hypergrad", seed)
     summary = _read_summary(hyper)
@@ -72,14 +72,16 @@ def _optimal_values(out_dir: Path, seed: int) -> dict[str, float]:
             f"method 'optimal' retrains with the final λ of the hypergrad run of seed {seed}, but "
             f"{hyper / 'summary.json'} does not exist; add 'hypergrad' to the methods"
         )
-    values: dict[str, float] = {}
+    values: dict[str, float | list[float]] = {}
     for name, value in (summary.get("meta") or {}).items():
-        if isinstance(value, (list, dict)):
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(x, list) for x in value)
+        ):
             raise ValueError(
-                f"'optimal' needs scalar metaparameters, but the hypergrad run {hyper} has "
-                f"non-scalar {name}={value!r}; meta.values holds one float per metaparameter"
+                f"'optimal' needs scalar or per-class ([K]) metaparameters, but the hypergrad run "
+                f"{hyper} has {name}={value!r}"
             )
-        values[name] = float(value)
+        values[name] = [float(x) for x in value] if isinstance(value, list) else float(value)
     if not values:
         raise ValueError(f"{hyper / 'summary.json'} has no final λ under 'meta'")
     return values

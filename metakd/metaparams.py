@@ -16,7 +16,7 @@ written in terms of v has an exact gradient w.r.t. r.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,7 +127,7 @@ class MetaParams:
         return {k: _as_python(v) for k, v in self.raw.items()}
 
     @torch.no_grad()
-    def set_values(self, values: Mapping[str, float | Tensor]) -> None:
+    def set_values(self, values: Mapping[str, float | Sequence[float] | Tensor]) -> None:
         """Set raw values from constrained ones (r = c⁻¹(v)); unknown names raise KeyError."""
         for name, value in values.items():
             if name not in self.specs:

@@ -35,15 +35,16 @@ def _done(run_dir: Path) -> dict[str, Any] | None:
     return summary if summary.get("status") == "completed" else None
 
 
-def _scalar_values(meta: Any, run_dir: Path) -> dict[str, float]:
+def _found_values(meta: Any, run_dir: Path) -> dict[str, float | list[float]]:
+    """The finder's final constrained λ (``summary.json`` ``meta``): a float per scalar
+    metaparameter, a list per shaped one (per class: ``meta.values`` takes either)."""
     if not isinstance(meta, dict) or not meta:
         raise ConfigError(f"the finder run {run_dir} has no final λ under 'meta' in summary.json")
-    bad = [k for k, v in meta.items() if isinstance(v, (list, dict))]
+    bad = [k for k, v in meta.items() if isinstance(v, dict)
+           or (isinstance(v, list) and any(isinstance(x, list) for x in v))]  # fmt: skip
     if bad:
-        raise ConfigError(
-            f"the retrain needs scalar metaparameters; the finder has {bad} non-scalar"
-        )
-    return {k: float(v) for k, v in meta.items()}
+        raise ConfigError(f"the retrain takes scalar or [K] metaparameters; the finder has {bad}")
+    return {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in meta.items()}
 
 
 def run_pipeline(
@@ -124,7 +125,7 @@ def run_pipeline(
         data["train"]["epochs"] = int(finder_epochs)
         data["wandb"]["group"] = f"{cfg.name}-pipeline-finder"
         finder = run(Config.model_validate(data), fdir, f"finder seed {s}")
-        values = _scalar_values(finder.get("meta"), fdir)
+        values = _found_values(finder.get("meta"), fdir)
         data = config_to_dict(cfg)
         data.update(seed=int(s), out=str(rdir))
         data["meta"]["method"] = "fixed"

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "find_results",
+    "lambda_text",
     "mean_std",
     "results_markdown",
     "search_figure",
@@ -124,9 +125,14 @@ def _f(v: Any, d: int = 4) -> str:
     return "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
 
-def _lam(values: Mapping[str, Any] | None) -> str:
+def lambda_text(values: Mapping[str, Any] | None) -> str:
+    """``β1 0.1, β2 0.9, T 4`` (a per-class λ as ``T [v1, v2, ...]``)."""
     short = {"beta1": "β1", "beta2": "β2", "temperature": "T"}
-    return ", ".join(f"{short.get(k, k)} {v:.3g}" for k, v in (values or {}).items()) or "–"
+
+    def num(v: Any) -> str:  # a per-class λ as [v1, v2, ...]
+        return "[" + ", ".join(f"{x:.3g}" for x in v) + "]" if isinstance(v, list) else f"{v:.3g}"
+
+    return ", ".join(f"{short.get(k, k)} {num(v)}" for k, v in (values or {}).items()) or "–"
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
@@ -142,7 +148,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         ]
         for r in results["runs"]:
             lines.append(
-                f"| {r['seed']} | {_lam(r['values'])} | {_f(r['finder'].get('val_accuracy'))} "
+                f"| {r['seed']} | {lambda_text(r['values'])} | {_f(r['finder'].get('val_accuracy'))} "
                 f"| {_f(r['test_accuracy'])} | {_f(r['finder_cost'], 2)} | {_f(r['cost'], 2)} "
                 f"| {_f(r['cost_cpu'], 2)} |"
             )
@@ -159,7 +165,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"space, pruner {results['pruner']})\n",
         f"{c['trials']} trials ({c['pruned']} pruned), cost {c['plain_runs']:.2f} plain runs "
         f"(wall; CPU {c['plain_runs_cpu']:.2f}; pruning saved {c['pruning_saved']:.2f}). Best trial "
-        f"{best.get('number', '–')}: {_lam(best.get('values'))}, val accuracy "
+        f"{best.get('number', '–')}: {lambda_text(best.get('values'))}, val accuracy "
         f"{_f(best.get('val_accuracy'))}.\n",
         "| trial | state | λ | val acc (score) | test acc (not used) | steps | wall s | cost "
         "(plain runs) | cumulative | best so far |",
@@ -167,7 +173,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     ]
     for r in results["trials"]:
         lines.append(
-            f"| {r['number']} | {r['state'].lower()} | {_lam(r['values'])} | {_f(r['val_accuracy'])} "
+            f"| {r['number']} | {r['state'].lower()} | {lambda_text(r['values'])} | {_f(r['val_accuracy'])} "
             f"| {_f(r['test_accuracy'])} | {_f(r['steps'])} | {_f(r['wall_seconds'], 1)} "
             f"| {_f(r['cost'], 2)} | {_f(r['cum_cost'], 2)} | {_f(r['best_so_far'])} |"
         )

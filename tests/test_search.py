@@ -434,3 +434,30 @@ def test_pipeline_continues_from_its_committed_report(cache, tmp_path):
     with pytest.raises(ConfigError, match="of kind 'pipeline'"):
         run_search(cfg, sampler="grid", trials=4, out_dir=tmp_path / "t", grid=GRID,
                    import_results=committed)  # fmt: skip
+
+
+def test_pipeline_retrains_at_a_per_class_lambda(cache, tmp_path):
+    from metakd.pipeline import run_pipeline
+
+    cfg = _cfg(cache, "meta.params.temperature.shape=[2]", "meta.optimizer=adam", "meta.lr=0.05")
+    res = run_pipeline(cfg, out_dir=tmp_path / "p", seeds=[0], finder_epochs=20)
+    found = _summary(tmp_path / "p" / "finder" / "seed-0")["meta"]["temperature"]
+    assert isinstance(found, list) and len(found) == 2 and found[0] != found[1]  # moved apart
+    retrain = _summary(tmp_path / "p" / "retrain" / "seed-0")
+    assert retrain["method"] == "fixed" and retrain["meta"]["temperature"] == pytest.approx(found)
+    values = res["runs"][0]["values"]
+    ref = train_run(
+        _cfg(cache, "meta.params.temperature.shape=[2]", "meta.method=fixed",
+             *(f"meta.values.{k}={v!r}" for k, v in values.items())),
+        tmp_path / "independent",
+    )  # fmt: skip
+    assert res["runs"][0]["test_accuracy"] == ref["test_accuracy"]
+    with pytest.raises(
+        ValueError,
+        match="values.temperature has 3 entries, but params.temperature is shape \\[2\\]",
+    ):
+        _cfg(cache, "meta.params.temperature.shape=[2]", "meta.values.temperature=[1,2,3]")
+    with pytest.raises(ValueError, match="is a scalar: give one number"):
+        _cfg(cache, "meta.values.temperature=[1,2]")
+    with pytest.raises(ValueError, match="must be > 0"):
+        _cfg(cache, "meta.params.temperature.shape=[2]", "meta.values.temperature=[1,-2]")
