@@ -1,31 +1,48 @@
 #!/usr/bin/env bash
-# The side-by-side study on the CIFAR-10 protocol (issue 20; NOT RUN YET — no compute for it so far):
-# configs/cifar10.yaml, 100 epochs, the CPU teacher. Searchers on seed 0, each one's validation-chosen λ
-# retrained on seeds 0-4: a 9-point grid (β1 share {0.01, 0.1, 0.5} × T {1, 4, 8}), random search with
-# 8 trials, TPE with 8 trials; then the metakd pipeline (online hypergradient finder, γ = 0.999, for
-# FINDER epochs, then a fixed-λ retrain at the λ it found) on seeds 0-4. Every step is resumable: rerun
-# the same command (finished trials and runs are kept; an interrupted trial resumes from its checkpoint).
+# The side-by-side study on the CIFAR-10 protocol (issue 20): configs/cifar10.yaml, 100 epochs, the CPU
+# teacher. Searchers on seed 0, each one's validation-chosen λ retrained on seeds 0-4 (seed 0 is the
+# chosen trial's own run): a 9-point grid (β1 share {0.01, 0.1, 0.5} × T {1, 4, 8}), random search with 8
+# trials, TPE with 8 trials; then the metakd pipeline (online hypergradient finder, γ = 0.999, from the
+# common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs (default 12: an online step costs ~7.5 plain
+# steps, so 12 of 100 epochs keep the pipeline under 2 plain runs), then a fixed-λ retrain at the λ it
+# found) on seeds 0-4.
 #   bash benchmarks/search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]
-# STEP: all (default) | grid | random | tpe | metakd | table — one piece per sitting on a 2-core CPU
-# (~13 min per plain run with two at a time: grid ~9+5 plain runs, random/TPE ~8+5 each, metakd ~5×2).
+# STEP: all (default) | grid | random | tpe | metakd | table | commit — one piece per sitting on a 2-core
+# CPU (~8 min per plain run, two at a time: grid 9 + 4 plain runs, random/TPE 8 + 4 each, metakd ~5 × 1.5).
+#
+# Across sittings: a sitting keeps only what it commits. `commit` copies each study's report (results.json,
+# search.json, results.md, trials.csv) to $IMPORT (default docs/reproduction/search-cifar); every step
+# continues from the report there (`metakd search --import-results`): finished trials and retrains are not
+# rerun, an unfinished study goes on with its sampler where it stopped. Within a sitting, rerunning a step
+# resumes it (interrupted trials resume from their checkpoints).
 # Two worker processes share each study (--worker 0/1, one SQLite file in the study directory).
 set -euo pipefail
 OUT=${1:?usage: search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]}
 TEACHER=${2:?the cifar_tiny teacher checkpoint, e.g. runs/cpu100/teacher.pt}
-FINDER=${3:-25}
+FINDER=${3:-12}
 STEP=${4:-all}
+IMPORT=${IMPORT:-docs/reproduction/search-cifar}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # EXTRA: more overrides, e.g. a dry run on tiny data:
-#   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" bash benchmarks/search_cifar.sh /tmp/dry T.pt 1
+#   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" IMPORT=/tmp/none \
+#     bash benchmarks/search_cifar.sh /tmp/dry T.pt 1
+# Evaluation every 10 epochs (790 steps), not every epoch: the final accuracies are the same (evaluation
+# does not touch training), and per-epoch evaluation of 20,000 images was about half of a run's wall time.
 C=(configs/cifar10.yaml "teacher.checkpoint=$TEACHER" train.epochs=100 train.checkpoint_every=5
-   train.normalize_weights=true device=cpu ${EXTRA:-})
+   train.normalize_weights=true device=cpu train.eval_every=790 ${EXTRA:-})
 S=(--retrain-seeds 0,1,2,3,4 --wandb disabled -q)
+from() {  # NAME: continue from the committed report of NAME, if there is one
+  if [[ -f $IMPORT/$1/results.json ]]; then echo "--import-results $IMPORT/$1"; fi
+}
 two() {  # NAME ARGS...: two workers on one study, then the retrains (the study is finished by then)
   local name=$1; shift
-  metakd search "${C[@]}" "$@" --wandb disabled -q --worker 1 > "$OUT/$name.w1.log" 2>&1 &
-  metakd search "${C[@]}" "$@" --wandb disabled -q --worker 0 > "$OUT/$name.w0.log" 2>&1
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "$@" $(from "$name") --wandb disabled -q --worker 1 > "$OUT/$name.w1.log" 2>&1 &
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "$@" $(from "$name") --wandb disabled -q --worker 0 > "$OUT/$name.w0.log" 2>&1
   wait
-  metakd search "${C[@]}" "$@" "${S[@]}" > "$OUT/$name.log" 2>&1
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "$@" $(from "$name") "${S[@]}" > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"
 if [[ $STEP == all || $STEP == grid ]]; then
@@ -33,15 +50,27 @@ if [[ $STEP == all || $STEP == grid ]]; then
 fi
 [[ $STEP == all || $STEP == random ]] && two random --sampler random --trials 8 --out "$OUT/random"
 [[ $STEP == all || $STEP == tpe ]] && two tpe --sampler tpe --trials 8 --out "$OUT/tpe"
-if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side, then the table
+if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side (one report)
   M=(meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 meta.every=10 meta.lr=0.05
+     meta.params.beta1.init=0.1 meta.params.beta2.init=0.9 meta.params.temperature.init=4
      --sampler hypergrad --finder-epochs "$FINDER" --wandb disabled -q --out "$OUT/metakd")
-  metakd search "${C[@]}" "${M[@]}" --retrain-seeds 3,4 > "$OUT/metakd.b.log" 2>&1 &
-  metakd search "${C[@]}" "${M[@]}" --retrain-seeds 0,1,2 > "$OUT/metakd.a.log" 2>&1
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "${M[@]}" $(from metakd) --retrain-seeds 3,4 > "$OUT/metakd.b.log" 2>&1 &
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "${M[@]}" $(from metakd) --retrain-seeds 0,1,2 > "$OUT/metakd.a.log" 2>&1
   wait
-  metakd search "${C[@]}" "${M[@]}" --retrain-seeds 0,1,2,3,4 > "$OUT/metakd.log" 2>&1
 fi
 if [[ $STEP == all || $STEP == table ]]; then
   python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "$OUT/grid" "$OUT/random" "$OUT/tpe" \
     "$OUT/metakd" --figure "$OUT/search.png"
+fi
+if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
+  for name in grid random tpe metakd; do
+    [[ -f $OUT/$name/results.json ]] || continue
+    mkdir -p "$IMPORT/$name"
+    for f in results.json search.json results.md trials.csv; do
+      [[ -f $OUT/$name/$f ]] && cp "$OUT/$name/$f" "$IMPORT/$name/"
+    done
+  done
+  [[ -f $OUT/search.png ]] && cp "$OUT/search.png" "$IMPORT/"
 fi

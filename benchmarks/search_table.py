@@ -15,8 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-from metakd.search_report import lambda_text as _lam
-from metakd.search_report import mean_std, search_figure
+from metakd.search_report import finder_text, lambda_text, mean_std, search_figure
+
+
+def _lam(values: dict) -> str:
+    return lambda_text(values, compact=True)
 
 
 def _pm(m: float | None, s: float | None, d: int = 4) -> str:
@@ -31,7 +34,7 @@ def row(path: Path, r: dict) -> str:
         cpu = mean_std([x["cost_cpu"] for x in runs])
         lam = "; ".join(f"{x['seed']}: {_lam(x['values'])}" for x in runs)
         seeds = ", ".join(f"{x['seed']}: {x['test_accuracy']:.3f}" for x in runs)
-        return (f"| metakd pipeline ({r['finder_method']} finder, meta "
+        return (f"| metakd pipeline ({finder_text(r)} finder, meta "
                 f"{r.get('meta_optimizer', '?')}, {r['finder_epochs']} epochs → "
                 f"fixed-λ retrain {r['epochs']}) | per seed | {_pm(*wall, 2)} | {_pm(*cpu, 2)} "
                 f"| {lam} | – | {_pm(*acc)} | {seeds} |")  # fmt: skip

@@ -18,6 +18,7 @@ search's total cost; the pipeline's seeds as points and their mean ± std.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "find_results",
+    "finder_text",
     "lambda_text",
     "mean_std",
     "results_markdown",
@@ -125,12 +127,27 @@ def _f(v: Any, d: int = 4) -> str:
     return "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
 
-def lambda_text(values: Mapping[str, Any] | None) -> str:
-    """``β1 0.1, β2 0.9, T 4`` (a per-class λ as ``T [v1, v2, ...]``)."""
+def finder_text(results: Mapping[str, Any]) -> str:
+    """A pipeline's finder: ``hypergrad (online)``, with the hypergradient method and the number of
+    metaparameter entries when its config is recorded."""
+    meta = (results.get("config") or {}).get("meta") or {}
+    method = (meta.get("hypergrad") or {}).get("method")
+    entries = sum(math.prod(p.get("shape") or [1]) for p in (meta.get("params") or {}).values())
+    detail = ", ".join(x for x in (method, f"{entries} metaparameters" if entries else "") if x)
+    return f"{results.get('finder_method')}" + (f" ({detail})" if detail else "")
+
+
+def lambda_text(values: Mapping[str, Any] | None, compact: bool = False) -> str:
+    """``β1 0.1, β2 0.9, T 4``; a per-class λ as ``T [v1, v2, ...]``, or with ``compact`` as its
+    range ``T 3.9–4.1 (10 classes)``."""
     short = {"beta1": "β1", "beta2": "β2", "temperature": "T"}
 
-    def num(v: Any) -> str:  # a per-class λ as [v1, v2, ...]
-        return "[" + ", ".join(f"{x:.3g}" for x in v) + "]" if isinstance(v, list) else f"{v:.3g}"
+    def num(v: Any) -> str:
+        if not isinstance(v, list):
+            return f"{v:.3g}"
+        if compact:
+            return f"{min(v):.3g}–{max(v):.3g} ({len(v)} classes)"
+        return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
 
     return ", ".join(f"{short.get(k, k)} {num(v)}" for k, v in (values or {}).items()) or "–"
 
@@ -139,7 +156,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     """Markdown tables of a search or pipeline result."""
     if results.get("kind") == "pipeline":
         lines = [
-            f"## metakd pipeline ({results.get('finder_method')} finder, meta "
+            f"## metakd pipeline ({finder_text(results)} finder, meta "
             f"{results.get('meta_optimizer', '?')}, {results.get('finder_epochs')} epochs, then a "
             f"fixed-λ retrain of {results.get('epochs')})\n",
             "| seed | found λ | finder val acc | retrain test acc | finder cost | total cost "
@@ -254,7 +271,7 @@ def search_figure(results: Sequence[Mapping[str, Any]]) -> Figure | None:
                             label=f"{r['sampler']}: chosen λ retrained, seeds {rs['seeds']}")  # fmt: skip
         else:
             runs = [x for x in r["runs"] if x.get("cost") is not None]
-            tag = f"metakd pipeline ({r.get('finder_method')}, meta {r.get('meta_optimizer', '?')})"
+            tag = f"metakd pipeline ({finder_text(r)}, meta {r.get('meta_optimizer', '?')})"
             ax.scatter([x["cost"] for x in runs], [x["test_accuracy"] for x in runs], color=color,
                        marker="x", label=f"{tag}, per seed")  # fmt: skip
             s = r.get("summary") or {}
