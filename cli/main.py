@@ -582,25 +582,28 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def parse_seeds(text: str, first: int = 0) -> list[int]:
-    """``"5"`` -> five seeds from ``first``; ``"0,3,7"`` -> those seeds."""
+def parse_seeds(text: str, first: int = 0, option: str = "--seeds") -> list[int]:
+    """``"5"`` -> five seeds from ``first``; ``"0,3,7"`` -> those seeds; ``"3,"`` -> seed 3 alone."""
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
             count = int(text)
             if count < 1:
-                raise ConfigError(f"--seeds needs a count >= 1 or a list like 0,1,2, got {text!r}")
+                raise ConfigError(
+                    f"{option} needs a count >= 1 or a list like 0,1,2, got {text!r}; for seed "
+                    f"{count} alone write {count},"
+                )
             seeds = list(range(first, first + count))
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"--seeds needs a count (5) or a list (0,1,2), got {text!r}") from None
+        raise ConfigError(f"{option} needs a count (5) or a list (0,1,2), got {text!r}") from None
     if not seeds:
-        raise ConfigError(f"--seeds gave no seeds: {text!r}")
+        raise ConfigError(f"{option} gave no seeds: {text!r}")
     bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
     if bad:
-        raise ConfigError(f"--seeds {text!r}: seeds must be 0 .. 2**32 - 1, got {bad}")
+        raise ConfigError(f"{option} {text!r}: seeds must be 0 .. 2**32 - 1, got {bad}")
     return seeds
 
 

@@ -146,7 +146,8 @@ def search(
     with _user_errors():
         cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb)
         out_dir = out or Path("runs") / f"{cfg.name}-search-{sampler.value}"
-        seeds = parse_seeds(retrain_seeds, first=cfg.seed) if retrain_seeds else []
+        seeds = (parse_seeds(retrain_seeds, first=cfg.seed, option="--retrain-seeds")
+                 if retrain_seeds else [])  # fmt: skip
         wb = WandbRunCallbacks(quiet)
         if sampler is Sampler.hypergrad:
             from metakd.pipeline import run_pipeline

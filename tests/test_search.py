@@ -292,6 +292,10 @@ def test_cli_pipeline_costs_finder_plus_retrain_and_errors_exit_2(cache, tmp_pat
                               "--out", str(tmp_path / "bad")])  # fmt: skip
     assert bad.exit_code == 2 and "missing ['beta1_share']" in bad.output
     assert "Traceback" not in bad.output
+    zero = runner.invoke(app, ["search", *TINY, "--sampler", "hypergrad", "--retrain-seeds", "0",
+                               "--out", str(tmp_path / "z")])  # fmt: skip
+    assert zero.exit_code == 2 and "--retrain-seeds needs a count >= 1" in zero.output
+    assert "for seed 0 alone write 0," in zero.output
 
 
 def test_median_pruner_prunes_on_validation_and_counts_the_saving(cache, tmp_path):
@@ -454,7 +458,7 @@ def test_pipeline_retrains_at_a_per_class_lambda(cache, tmp_path):
     assert res["runs"][0]["test_accuracy"] == ref["test_accuracy"]
     with pytest.raises(
         ValueError,
-        match="values.temperature has 3 entries, but params.temperature is shape \\[2\\]",
+        match=r"values.temperature has 3 entries, but params.temperature is shape \[2\]",
     ):
         _cfg(cache, "meta.params.temperature.shape=[2]", "meta.values.temperature=[1,2,3]")
     with pytest.raises(ValueError, match="is a scalar: give one number"):
