@@ -2,13 +2,15 @@
 # The side-by-side study on the CIFAR-10 protocol (issue 20): configs/cifar10.yaml, 100 epochs, the CPU
 # teacher. Searchers on seed 0, each one's validation-chosen λ retrained on seeds 0-4 (seed 0 is the
 # chosen trial's own run): a 9-point grid (β1 share {0.01, 0.1, 0.5} × T {1, 4, 8}), random search with 8
-# trials, TPE with 8 trials; then the metakd pipeline (online hypergradient finder, γ = 0.999, from the
-# common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs (default 12: an online step costs ~7.5 plain
-# steps, so 12 of 100 epochs keep the pipeline under 2 plain runs), then a fixed-λ retrain at the λ it
-# found) on seeds 0-4.
+# trials, TPE with 8 trials; then the metakd pipeline (a reverse-mode hypergradient finder, η = 20, a meta
+# step every 20 steps, meta Adam lr 0.05, from the common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs
+# (default 20: a finder step costs ~4 plain steps, so the pipeline stays under 2 plain runs), then a
+# fixed-λ retrain at the λ it found) on seeds 0-4. STEP metakd-online runs the first pipeline tried
+# (online forward-mode finder, γ = 0.999, every 10 steps, 12 epochs; an online step costs ~10 plain steps)
+# on seed 0 only.
 #   bash benchmarks/search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]
-# STEP: all (default) | grid | random | tpe | metakd | table | commit — one piece per sitting on a 2-core
-# CPU (~8 min per plain run, two at a time: grid 9 + 4 plain runs, random/TPE 8 + 4 each, metakd ~5 × 1.5).
+# STEP: all (default) | grid | random | tpe | metakd | metakd-online | table | commit — one piece per sitting on a 2-core
+# CPU (~8 min per plain run, two at a time: grid 9 + 4 plain runs, random/TPE 8 + 4 each, metakd ~5 × 1.8).
 #
 # Across sittings: a sitting keeps only what it commits. `commit` copies each study's report (results.json,
 # search.json, results.md, trials.csv) to $IMPORT (default docs/reproduction/search-cifar); every step
@@ -19,7 +21,7 @@
 set -euo pipefail
 OUT=${1:?usage: search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]}
 TEACHER=${2:?the cifar_tiny teacher checkpoint, e.g. runs/cpu100/teacher.pt}
-FINDER=${3:-12}
+FINDER=${3:-20}
 STEP=${4:-all}
 IMPORT=${IMPORT:-docs/reproduction/search-cifar}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
@@ -51,7 +53,7 @@ fi
 [[ $STEP == all || $STEP == random ]] && two random --sampler random --trials 8 --out "$OUT/random"
 [[ $STEP == all || $STEP == tpe ]] && two tpe --sampler tpe --trials 8 --out "$OUT/tpe"
 if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side (one report)
-  M=(meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 meta.every=10 meta.lr=0.05
+  M=(meta.hypergrad.method=reverse meta.unroll=20 meta.every=20 meta.lr=0.05
      meta.params.beta1.init=0.1 meta.params.beta2.init=0.9 meta.params.temperature.init=4
      --sampler hypergrad --finder-epochs "$FINDER" --wandb disabled -q --out "$OUT/metakd")
   # shellcheck disable=SC2046
@@ -60,12 +62,19 @@ if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side
   metakd search "${C[@]}" "${M[@]}" $(from metakd) --retrain-seeds 0,1,2 > "$OUT/metakd.a.log" 2>&1
   wait
 fi
+if [[ $STEP == metakd-online ]]; then
+  O=(meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 meta.every=10 meta.lr=0.05
+     meta.params.beta1.init=0.1 meta.params.beta2.init=0.9 meta.params.temperature.init=4
+     --sampler hypergrad --finder-epochs 12 --wandb disabled -q --out "$OUT/metakd-online12")
+  # shellcheck disable=SC2046
+  metakd search "${C[@]}" "${O[@]}" $(from metakd-online12) --retrain-seeds 0, > "$OUT/metakd-online12.log" 2>&1
+fi
 if [[ $STEP == all || $STEP == table ]]; then
   python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "$OUT/grid" "$OUT/random" "$OUT/tpe" \
     "$OUT/metakd" --figure "$OUT/search.png"
 fi
 if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
-  for name in grid random tpe metakd; do
+  for name in grid random tpe metakd metakd-online12; do
     [[ -f $OUT/$name/results.json ]] || continue
     mkdir -p "$IMPORT/$name"
     for f in results.json search.json results.md trials.csv; do
