@@ -3,7 +3,8 @@
 # teacher. Searchers on seed 0, each one's validation-chosen λ retrained on seeds 0-4 (seed 0 is the
 # chosen trial's own run): a 9-point grid (β1 share {0.01, 0.1, 0.5} × T {1, 4, 8}), random search with 8
 # trials, TPE with 8 trials; then the metakd pipeline (a reverse-mode hypergradient finder, η = 20, a meta
-# step every 20 steps, meta Adam lr 0.05, from the common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs
+# step every 20 steps, meta Adam lr $META_LR (default 0.15; 0.05 was tried first, on seed 0: NAME=metakd-lr05
+# META_LR=0.05), from the common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs
 # (default 20: a finder step costs ~4 plain steps, so the pipeline stays under 2 plain runs), then a
 # fixed-λ retrain at the λ it found) on seeds 0-4. STEP metakd-online runs the first pipeline tried
 # (online forward-mode finder, γ = 0.999, every 10 steps, 12 epochs; an online step costs ~10 plain steps)
@@ -24,6 +25,8 @@ TEACHER=${2:?the cifar_tiny teacher checkpoint, e.g. runs/cpu100/teacher.pt}
 FINDER=${3:-20}
 STEP=${4:-all}
 IMPORT=${IMPORT:-docs/reproduction/search-cifar}
+META_LR=${META_LR:-0.15}
+NAME=${NAME:-metakd}
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # EXTRA: more overrides, e.g. a dry run on tiny data:
 #   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" IMPORT=/tmp/none \
@@ -53,13 +56,13 @@ fi
 [[ $STEP == all || $STEP == random ]] && two random --sampler random --trials 8 --out "$OUT/random"
 [[ $STEP == all || $STEP == tpe ]] && two tpe --sampler tpe --trials 8 --out "$OUT/tpe"
 if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side (one report)
-  M=(meta.hypergrad.method=reverse meta.unroll=20 meta.every=20 meta.lr=0.05
+  M=(meta.hypergrad.method=reverse meta.unroll=20 meta.every=20 "meta.lr=$META_LR"
      meta.params.beta1.init=0.1 meta.params.beta2.init=0.9 meta.params.temperature.init=4
-     --sampler hypergrad --finder-epochs "$FINDER" --wandb disabled -q --out "$OUT/metakd")
+     --sampler hypergrad --finder-epochs "$FINDER" --wandb disabled -q --out "$OUT/$NAME")
   # shellcheck disable=SC2046
-  metakd search "${C[@]}" "${M[@]}" $(from metakd) --retrain-seeds 3,4 > "$OUT/metakd.b.log" 2>&1 &
+  metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 3,4 > "$OUT/$NAME.b.log" 2>&1 &
   # shellcheck disable=SC2046
-  metakd search "${C[@]}" "${M[@]}" $(from metakd) --retrain-seeds 0,1,2 > "$OUT/metakd.a.log" 2>&1
+  metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 0,1,2 > "$OUT/$NAME.a.log" 2>&1
   wait
 fi
 if [[ $STEP == metakd-online ]]; then
@@ -74,7 +77,7 @@ if [[ $STEP == all || $STEP == table ]]; then
     "$OUT/metakd" --figure "$OUT/search.png"
 fi
 if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
-  for name in grid random tpe metakd metakd-online12; do
+  for name in grid random tpe metakd metakd-lr05 metakd-online12; do
     [[ -f $OUT/$name/results.json ]] || continue
     mkdir -p "$IMPORT/$name"
     for f in results.json search.json results.md trials.csv; do
