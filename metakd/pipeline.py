@@ -89,10 +89,7 @@ def run_pipeline(
             "epochs": cfg.train.epochs, "meta_optimizer": _meta_optimizer(cfg),
         })  # fmt: skip
         if "config" in report:  # reports from before it was recorded: the fields above only
-            from metakd.rundir import _diff_keys
-            from metakd.search import _comparable
-
-            keys = sorted(_diff_keys(_comparable(report["config"]), _settings(cfg)))
+            keys = _changed(report["config"], cfg)
             if keys:
                 raise ConfigError(
                     f"--import-results: the report's pipeline ran with other settings (config "
@@ -174,9 +171,7 @@ def _earlier_rows(out: Path, cfg: Config, finder_epochs: int) -> list[dict[str, 
         and old.get("finder_epochs") == int(finder_epochs)
     )  # fmt: skip
     if same:
-        from metakd.search import _comparable
-
-        same = _comparable(old.get("config")) == _settings(cfg)
+        same = not _changed(old.get("config"), cfg)
     return list(old.get("runs") or []) if same else []
 
 
@@ -187,12 +182,31 @@ def _meta_optimizer(cfg: Config) -> str:
 def _settings(cfg: Config) -> dict[str, Any]:
     """The pipeline's config less what varies per run (out, seed, W&B mode): an imported report
     must have been made with the same."""
-    from metakd.search import _comparable
+    from metakd.search import _comparable, teacher_digest
 
     conf = config_to_dict(cfg)
     conf.pop("seed", None)
     full: dict[str, Any] = _comparable(conf)
+    full["teacher_sha256"] = teacher_digest(cfg)
     return full
+
+
+def _changed(recorded: Any, cfg: Config) -> list[str]:
+    """Dotted keys in which a report's recorded settings differ from ``cfg``'s (the teacher digest
+    only where the report has one)."""
+    from metakd.rundir import _diff_keys
+    from metakd.search import _comparable
+
+    old = dict(recorded) if isinstance(recorded, dict) else {}
+    new = _settings(cfg)
+    if "teacher_sha256" in old:
+        sha = old.pop("teacher_sha256")
+        old = _comparable(old)
+        old["teacher_sha256"] = sha
+    else:
+        old = _comparable(old)
+        new.pop("teacher_sha256")
+    return sorted(_diff_keys(old, new))
 
 
 def _results(cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]) -> dict[str, Any]:

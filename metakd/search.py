@@ -458,10 +458,12 @@ def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
     conf.pop("out", None)
     conf.get("wandb", {}).pop("mode", None)
     settings = {"sampler": sampler, "space": sp.to_dict(), "grid": grid, "pruner": pruner,
-                "config": conf}  # fmt: skip
+                "config": conf, "teacher_sha256": teacher_digest(cfg)}  # fmt: skip
     path = out / "search.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if "teacher_sha256" not in old:  # written before it was recorded: not compared
+            settings.pop("teacher_sha256")
         # a study continued after an upgrade: keys added to Config since keep their defaults
         old["config"] = _comparable(old.get("config"))
         settings["config"] = _comparable(conf)
@@ -476,6 +478,16 @@ def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
             )
         return
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def teacher_digest(cfg: Config) -> str | None:
+    """sha256 of the teacher checkpoint file (``teacher.checkpoint``), None for an in-process teacher
+    (its config is part of the study's config). A study continued in another sitting, or from a
+    committed report, must use the same file: a teacher retrained there may differ."""
+    from metakd.teacher import _file_sha256
+
+    ckpt = cfg.teacher.checkpoint
+    return _file_sha256(Path(ckpt)) if ckpt is not None and Path(ckpt).is_file() else None
 
 
 def _comparable(conf: Any) -> Any:

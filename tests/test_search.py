@@ -465,3 +465,23 @@ def test_pipeline_retrains_at_a_per_class_lambda(cache, tmp_path):
         _cfg(cache, "meta.values.temperature=[1,2]")
     with pytest.raises(ValueError, match="must be > 0"):
         _cfg(cache, "meta.params.temperature.shape=[2]", "meta.values.temperature=[1,-2]")
+
+
+def test_a_study_continued_with_another_teacher_file_is_refused(cache, tmp_path):
+    from metakd.search import _check_settings
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"the first teacher")
+    cfg = _cfg(cache, f"teacher.checkpoint={teacher}")
+    sp = SearchSpace.from_config(cfg, "share")
+    out = tmp_path / "study"
+    out.mkdir()
+    _check_settings(out, cfg, "random", sp, None, "none")
+    _check_settings(out, cfg, "random", sp, None, "none")  # the same file: continues
+    teacher.write_bytes(b"a teacher retrained in another sitting")
+    with pytest.raises(ConfigError, match="different teacher_sha256"):
+        _check_settings(out, cfg, "random", sp, None, "none")
+    settings = json.loads((out / "search.json").read_text())
+    del settings["teacher_sha256"]  # a study recorded before the digest was: not compared
+    (out / "search.json").write_text(json.dumps(settings))
+    _check_settings(out, cfg, "random", sp, None, "none")
