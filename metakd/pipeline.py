@@ -195,7 +195,7 @@ def _changed(recorded: Any, cfg: Config) -> list[str]:
     """Dotted keys in which a report's recorded settings differ from ``cfg``'s (the teacher digest
     only where the report has one)."""
     from metakd.rundir import _diff_keys
-    from metakd.search import _comparable
+    from metakd.search import _comparable, _same_teacher_path
 
     old = dict(recorded) if isinstance(recorded, dict) else {}
     new = _settings(cfg)
@@ -203,6 +203,8 @@ def _changed(recorded: Any, cfg: Config) -> list[str]:
         sha = old.pop("teacher_sha256")
         old = _comparable(old)
         old["teacher_sha256"] = sha
+        if sha and new.get("teacher_sha256"):
+            _same_teacher_path(old, new)
     else:
         old = _comparable(old)
         new.pop("teacher_sha256")

@@ -467,6 +467,8 @@ def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
         # a study continued after an upgrade: keys added to Config since keep their defaults
         old["config"] = _comparable(old.get("config"))
         settings["config"] = _comparable(conf)
+        if old.get("teacher_sha256") and settings.get("teacher_sha256"):
+            _same_teacher_path(old["config"], settings["config"])
         changed = [k for k in settings if json.dumps(old.get(k), sort_keys=True)
                    != json.dumps(settings[k], sort_keys=True)]  # fmt: skip
         if changed:
@@ -478,6 +480,14 @@ def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
             )
         return
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _same_teacher_path(old: Any, new: Any) -> None:
+    """Where both sides record the teacher file's digest, the digest identifies the teacher: the
+    path (another checkout, a relative path) is not compared."""
+    for conf in (old, new):
+        if isinstance(conf, dict) and isinstance(conf.get("teacher"), dict):
+            conf["teacher"] = {**conf["teacher"], "checkpoint": "(compared by sha256)"}
 
 
 def teacher_digest(cfg: Config) -> str | None:

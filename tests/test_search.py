@@ -478,6 +478,12 @@ def test_a_study_continued_with_another_teacher_file_is_refused(cache, tmp_path)
     out.mkdir()
     _check_settings(out, cfg, "random", sp, None, "none")
     _check_settings(out, cfg, "random", sp, None, "none")  # the same file: continues
+    import shutil
+
+    elsewhere = tmp_path / "other-checkout" / "teacher.pt"  # the same file at another path
+    elsewhere.parent.mkdir()
+    shutil.copyfile(teacher, elsewhere)
+    _check_settings(out, _cfg(cache, f"teacher.checkpoint={elsewhere}"), "random", sp, None, "none")
     teacher.write_bytes(b"a teacher retrained in another sitting")
     with pytest.raises(ConfigError, match="different teacher_sha256"):
         _check_settings(out, cfg, "random", sp, None, "none")
