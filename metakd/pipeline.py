@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
+from metakd.rundir import _diff_keys
+from metakd.search import _comparable, _same_teacher_path, teacher_digest
 from metakd.search_report import mean_std, write_results
 
 __all__ = ["run_pipeline"]
@@ -79,6 +81,7 @@ def run_pipeline(
     train = train_fn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(cfg)  # once: it hashes the teacher checkpoint
     known: dict[int, dict[str, Any]] = {}
     if import_results is not None:
         from metakd import search_resume
@@ -89,7 +92,7 @@ def run_pipeline(
             "epochs": cfg.train.epochs, "meta_optimizer": _meta_optimizer(cfg),
         })  # fmt: skip
         if "config" in report:  # reports from before it was recorded: the fields above only
-            keys = _changed(report["config"], cfg)
+            keys = _changed(report["config"], settings)
             if keys:
                 raise ConfigError(
                     f"--import-results: the report's pipeline ran with other settings (config "
@@ -107,14 +110,18 @@ def run_pipeline(
             say(f"{label}: running in {run_dir}")
         return train(run_cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), callbacks=cbs)
 
+    def write() -> dict[str, Any]:
+        return _write(out, cfg, finder_epochs, settings, [*known.values(), *rows])
+
     rows: list[dict[str, Any]] = []
+    results: dict[str, Any] | None = None
     for s in seeds:
         fdir, rdir = out / "finder" / f"seed-{s}", out / "retrain" / f"seed-{s}"
         if int(s) in known and _done(fdir) is None and _done(rdir) is None:
             if say:
                 say(f"seed {s}: imported from {known[int(s)]['imported_from']}")
             rows.append(known[int(s)])
-            _write(out, cfg, finder_epochs, [*known.values(), *rows])
+            results = write()
             continue
         data = config_to_dict(cfg)
         data["seed"] = int(s)
@@ -141,27 +148,28 @@ def run_pipeline(
                         "cpu_seconds")},
             "finder_cost": fw / rw, "cost": (fw + rw) / rw, "cost_cpu": cost_cpu,
         })  # fmt: skip
-        _write(out, cfg, finder_epochs, [*known.values(), *rows])
-    return _write(out, cfg, finder_epochs, [*known.values(), *rows])
+        results = write()
+    return results if results is not None else write()
 
 
-def _write(
-    out: Path, cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _write(out: Path, cfg: Config, finder_epochs: int, settings: dict[str, Any],
+           rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     """Write the results of every finished seed in ``out``: ``rows`` (an imported report's and this
-    call's, later ones winning) and those of other processes (e.g. seeds 0-2 and 3-4 side by side) already in its ``results.json`` with the same
-    settings; under a lock, so side-by-side processes do not drop each other's rows."""
+    call's, later ones winning) and those of other processes (e.g. seeds 0-2 and 3-4 side by side)
+    already in its ``results.json`` with the same settings; under a lock, so side-by-side processes
+    do not drop each other's rows."""
     import fcntl
 
     with open(out / ".results.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        merged = {int(r["seed"]): r for r in [*_earlier_rows(out, cfg, finder_epochs), *rows]}
-        results = _results(cfg, finder_epochs, [merged[k] for k in sorted(merged)])
+        earlier = _earlier_rows(out, finder_epochs, settings)
+        merged = {int(r["seed"]): r for r in [*earlier, *rows]}
+        results = _results(cfg, finder_epochs, settings, [merged[k] for k in sorted(merged)])
         write_results(out, results)
         return results
 
 
-def _earlier_rows(out: Path, cfg: Config, finder_epochs: int) -> list[dict[str, Any]]:
+def _earlier_rows(out: Path, finder_epochs: int, settings: dict[str, Any]) -> list[dict[str, Any]]:
     try:
         old = json.loads((out / "results.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -171,7 +179,7 @@ def _earlier_rows(out: Path, cfg: Config, finder_epochs: int) -> list[dict[str, 
         and old.get("finder_epochs") == int(finder_epochs)
     )  # fmt: skip
     if same:
-        same = not _changed(old.get("config"), cfg)
+        same = not _changed(old.get("config"), settings)
     return list(old.get("runs") or []) if same else []
 
 
@@ -182,8 +190,6 @@ def _meta_optimizer(cfg: Config) -> str:
 def _settings(cfg: Config) -> dict[str, Any]:
     """The pipeline's config less what varies per run (out, seed, W&B mode): an imported report
     must have been made with the same."""
-    from metakd.search import _comparable, teacher_digest
-
     conf = config_to_dict(cfg)
     conf.pop("seed", None)
     full: dict[str, Any] = _comparable(conf)
@@ -191,14 +197,11 @@ def _settings(cfg: Config) -> dict[str, Any]:
     return full
 
 
-def _changed(recorded: Any, cfg: Config) -> list[str]:
-    """Dotted keys in which a report's recorded settings differ from ``cfg``'s (the teacher digest
-    only where the report has one)."""
-    from metakd.rundir import _diff_keys
-    from metakd.search import _comparable, _same_teacher_path
-
+def _changed(recorded: Any, settings: dict[str, Any]) -> list[str]:
+    """Dotted keys in which a report's recorded settings differ from ``settings`` (this run's
+    :func:`_settings`; the teacher digest only where the report has one)."""
     old = dict(recorded) if isinstance(recorded, dict) else {}
-    new = _settings(cfg)
+    new = dict(settings)
     if "teacher_sha256" in old:
         sha = old.pop("teacher_sha256")
         old = _comparable(old)
@@ -211,7 +214,8 @@ def _changed(recorded: Any, cfg: Config) -> list[str]:
     return sorted(_diff_keys(old, new))
 
 
-def _results(cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _results(cfg: Config, finder_epochs: int, settings: dict[str, Any],
+             rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     acc, acc_sd = mean_std([r["test_accuracy"] for r in rows])
     cost, cost_sd = mean_std([r["cost"] for r in rows])
     cpu, cpu_sd = mean_std([r["cost_cpu"] for r in rows])
@@ -225,6 +229,6 @@ def _results(cfg: Config, finder_epochs: int, rows: list[dict[str, Any]]) -> dic
             "cost_std": cost_sd, "cost_cpu_mean": cpu, "cost_cpu_std": cpu_sd,
         },
         "cost_definition": "(finder + retrain wall seconds) / retrain wall seconds",
-        "config": _settings(cfg),
+        "config": settings,
     }  # fmt: skip
     return results
