@@ -7,7 +7,7 @@
 # META_LR=0.05), from the common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs
 # (default 20: a finder step costs ~4 plain steps, so the pipeline stays under 2 plain runs), then a
 # fixed-λ retrain at the λ it found) on seeds 0-4. STEP metakd-online runs the first pipeline tried
-# (online forward-mode finder, γ = 0.999, every 10 steps, 12 epochs; an online step costs ~10 plain steps)
+# (online forward-mode finder, γ = 0.999, every 10 steps, 12 epochs; an online step costs ~9 plain steps)
 # on seed 0 only.
 #   bash benchmarks/search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]
 # STEP: all (default) | grid | random | tpe | metakd | metakd-online | table | commit — one piece per sitting on a 2-core
