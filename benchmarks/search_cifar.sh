@@ -5,7 +5,7 @@
 # trials, TPE with 8 trials; then the metakd pipeline (a reverse-mode hypergradient finder, η = 20, a meta
 # step every 20 steps, meta Adam lr $META_LR (default 0.15; 0.05 was tried first, on seed 0: NAME=metakd-lr05
 # META_LR=0.05), from the common KD setting β1 0.1, β2 0.9, T 4, for FINDER epochs
-# (default 20: a finder step costs ~4 plain steps, so the pipeline stays under 2 plain runs), then a
+# (default 20: a finder step costs 3–4.6 plain steps, so the pipeline stays under 2 plain runs), then a
 # fixed-λ retrain at the λ it found) on seeds 0-4. STEP metakd-online runs the first pipeline tried
 # (online forward-mode finder, γ = 0.999, every 10 steps, 12 epochs; an online step costs ~9 plain steps)
 # on seed 0 only.
