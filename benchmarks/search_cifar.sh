@@ -18,7 +18,10 @@
 # continues from the report there (`metakd search --import-results`): finished trials and retrains are not
 # rerun, an unfinished study goes on with its sampler where it stopped. Within a sitting, rerunning a step
 # resumes it (interrupted trials resume from their checkpoints).
-# Two worker processes share each study (--worker 0/1, one SQLite file in the study directory).
+# Two worker processes share each study (--worker 0/1, one SQLite file in the study directory); WORKERS=1:
+# one (sequential TPE, as the 2026-12-02 sitting ran it beside the random search on the other core).
+# TPE prunes with Optuna's median pruner on the validation accuracy at each evaluation (its saving is in
+# the report's cost).
 set -euo pipefail
 OUT=${1:?usage: search_cifar.sh OUT TEACHER [FINDER_EPOCHS] [STEP]}
 TEACHER=${2:?the cifar_tiny teacher checkpoint, e.g. runs/cpu100/teacher.pt}
@@ -27,6 +30,8 @@ STEP=${4:-all}
 IMPORT=${IMPORT:-docs/reproduction/search-cifar}
 META_LR=${META_LR:-0.15}
 NAME=${NAME:-metakd}
+UNROLL=${UNROLL:-20}  # the finder's horizon η (= steps between meta steps); UNROLL=40 NAME=metakd-h40 was tried
+SEEDS=${SEEDS:-}      # metakd step: one process on these seeds (e.g. SEEDS=0, for a variant), not 0-2 + 3-4
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # EXTRA: more overrides, e.g. a dry run on tiny data:
 #   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" IMPORT=/tmp/none \
@@ -41,8 +46,10 @@ from() {  # NAME: continue from the committed report of NAME, if there is one
 }
 two() {  # NAME ARGS...: two workers on one study, then the retrains (the study is finished by then)
   local name=$1; shift
-  # shellcheck disable=SC2046
-  metakd search "${C[@]}" "$@" $(from "$name") --wandb disabled -q --worker 1 > "$OUT/$name.w1.log" 2>&1 &
+  if [[ ${WORKERS:-2} != 1 ]]; then
+    # shellcheck disable=SC2046
+    metakd search "${C[@]}" "$@" $(from "$name") --wandb disabled -q --worker 1 > "$OUT/$name.w1.log" 2>&1 &
+  fi
   # shellcheck disable=SC2046
   metakd search "${C[@]}" "$@" $(from "$name") --wandb disabled -q --worker 0 > "$OUT/$name.w0.log" 2>&1
   wait
@@ -54,16 +61,21 @@ if [[ $STEP == all || $STEP == grid ]]; then
   two grid --sampler grid --trials 9 --grid beta1_share=0.01,0.1,0.5 --grid temperature=1,4,8 --out "$OUT/grid"
 fi
 [[ $STEP == all || $STEP == random ]] && two random --sampler random --trials 8 --out "$OUT/random"
-[[ $STEP == all || $STEP == tpe ]] && two tpe --sampler tpe --trials 8 --out "$OUT/tpe"
+[[ $STEP == all || $STEP == tpe ]] && two tpe --sampler tpe --trials 8 --pruner median --out "$OUT/tpe"
 if [[ $STEP == all || $STEP == metakd ]]; then  # seeds 0-2 and 3-4 side by side (one report)
-  M=(meta.hypergrad.method=reverse meta.unroll=20 meta.every=20 "meta.lr=$META_LR"
+  M=(meta.hypergrad.method=reverse "meta.unroll=$UNROLL" "meta.every=$UNROLL" "meta.lr=$META_LR"
      meta.params.beta1.init=0.1 meta.params.beta2.init=0.9 meta.params.temperature.init=4
      --sampler hypergrad --finder-epochs "$FINDER" --wandb disabled -q --out "$OUT/$NAME")
-  # shellcheck disable=SC2046
-  metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 3,4 > "$OUT/$NAME.b.log" 2>&1 &
-  # shellcheck disable=SC2046
-  metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 0,1,2 > "$OUT/$NAME.a.log" 2>&1
-  wait
+  if [[ -n $SEEDS ]]; then
+    # shellcheck disable=SC2046
+    metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds "$SEEDS" > "$OUT/$NAME.log" 2>&1
+  else
+    # shellcheck disable=SC2046
+    metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 3,4 > "$OUT/$NAME.b.log" 2>&1 &
+    # shellcheck disable=SC2046
+    metakd search "${C[@]}" "${M[@]}" $(from "$NAME") --retrain-seeds 0,1,2 > "$OUT/$NAME.a.log" 2>&1
+    wait
+  fi
 fi
 if [[ $STEP == metakd-online ]]; then
   O=(meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 meta.every=10 meta.lr=0.05
@@ -77,7 +89,7 @@ if [[ $STEP == all || $STEP == table ]]; then
     "$OUT/metakd" --figure "$OUT/search.png"
 fi
 if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
-  for name in grid random tpe metakd metakd-lr05 metakd-online12; do
+  for name in grid random tpe metakd metakd-lr05 metakd-online12 metakd-h40; do
     [[ -f $OUT/$name/results.json ]] || continue
     mkdir -p "$IMPORT/$name"
     for f in results.json search.json results.md trials.csv; do
