@@ -199,6 +199,20 @@ def _trajectory_diff(trainer: Trainer, floor: FloorLoop, steps: int) -> float:
     return float(((ours - floor.raw.detach()).abs() / ours.abs().clamp_min(1e-12)).max())
 
 
+def _tangent_diff(a: Trainer, b: Trainer) -> float:
+    """Max relative difference of the two online trainers' carried tangents (here: of λ's tangents)."""
+    ta, tb = (
+        getattr(a.hypergrad_method, "tangents", None),
+        getattr(b.hypergrad_method, "tangents", None),
+    )
+    if ta is None or tb is None:
+        return float("nan")
+    return max(
+        float((ta.params[k] - tb.params[k]).abs().max() / ta.params[k].abs().max().clamp_min(1e-30))
+        for k in ta.params
+    )
+
+
 def run_step_bench(
     cases: Sequence[str] = CASES,
     *,
@@ -257,6 +271,26 @@ def run_step_bench(
             "a_cpu_s": t["online"]["cpu_s"], "b_cpu_s": t["plain"]["cpu_s"],
             "ratio": t["online"]["step_s"] / t["plain"]["step_s"],
             "lambda_rel_diff": None, "check_steps": None,
+        })  # fmt: skip
+        # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop
+        looped, batched = (
+            _trainer(*_case("cifar", online=True)),
+            _trainer(*_case("cifar", online=True)),
+        )
+        batched.hypergrad_method.hvp = "batched"  # type: ignore[union-attr]
+        if not quiet:
+            print("step bench: cifar online, batched vs looped HVPs", flush=True)
+        t = _compare(
+            ["loop", "batched"], {"loop": looped._one_step, "batched": batched._one_step},
+            block, repeats, warmup=3,
+        )  # fmt: skip
+        rows.append({
+            "case": "cifar", "what": "trainer online, batched HVPs / looped HVPs",
+            "params": sum(p.numel() for p in plain.model.parameters()),
+            "a_s": t["batched"]["step_s"], "b_s": t["loop"]["step_s"],
+            "a_cpu_s": t["batched"]["cpu_s"], "b_cpu_s": t["loop"]["cpu_s"],
+            "ratio": t["batched"]["step_s"] / t["loop"]["step_s"],
+            "lambda_rel_diff": _tangent_diff(looped, batched), "check_steps": None,
         })  # fmt: skip
     result = {
         "config": {"block": block, "repeats": repeats, "threads": torch.get_num_threads()},

@@ -30,3 +30,17 @@ def test_step_bench_rows_and_files(tmp_path):
     assert row["lambda_rel_diff"] < 1e-5
     assert json.loads((tmp_path / "step.json").read_text())["rows"][0]["case"] == "synthetic"
     assert "| synthetic | 8 | trainer hypergrad / floor |" in (tmp_path / "step.md").read_text()
+
+
+def test_step_bench_online_rows_batched_hvps_equal_the_loop(tmp_path):
+    result = bench_e2e.run_step_bench(["cifar"], block=1, repeats=1, check_steps=2, quiet=True)
+    rows = {r["what"]: r for r in result["rows"]}
+    assert set(rows) == {
+        "trainer hypergrad / floor",
+        "trainer online / trainer plain (fixed λ)",
+        "trainer online, batched HVPs / looped HVPs",
+    }
+    batched = rows["trainer online, batched HVPs / looped HVPs"]
+    assert batched["a_s"] > 0 and batched["b_s"] > 0
+    # the same tangents after the same 4 steps: one vmapped backward computes the loop's products
+    assert batched["lambda_rel_diff"] < 1e-5

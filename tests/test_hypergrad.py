@@ -325,7 +325,7 @@ def test_non_finite_hypergradient_is_flagged():
 # --------------------------------------------------------------------------- online forward mode
 
 
-def _online_hypergrad(module, raw, batches, val_batch, inner, decay=1.0):
+def _online_hypergrad(module, raw, batches, val_batch, inner, decay=1.0, hvp="loop"):
     """Carry tangents through the η real steps (tangent_step), then ⟨∇L_val(w_η), Z_η⟩."""
     fmodel = FunctionalModel(module)
 
@@ -340,7 +340,7 @@ def _online_hypergrad(module, raw, batches, val_batch, inner, decay=1.0):
     state, tangents = inner.init_tuple(list(params.values())), None
     for batch in batches:
         params, state, tangents = metakd.hypergrad.tangent_step(
-            train_loss, params, raw, batch, inner, state, tangents, decay=decay
+            train_loss, params, raw, batch, inner, state, tangents, decay=decay, hvp=hvp
         )
     res = metakd.hypergrad.tangent_hypergradient(val_loss, params, raw, val_batch, tangents)
     return res, torch.stack([res.grads[k] for k in raw])
@@ -362,15 +362,16 @@ def test_online_tangents_match_finite_differences(opt_name, eta):
     )
 
 
+@pytest.mark.parametrize("hvp", ["loop", "batched"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_online_tangents_through_batchnorm(opt_name):
+def test_online_tangents_through_batchnorm(opt_name, hvp):
     make_inner, make_torch = OPTIMIZERS[opt_name]
     module = _cnn()
     module.train()
     batches, val = _data("cnn", 4)
     raw = _raw0()
     ref = _fd_hypergrad(module, raw, batches, val, make_torch)
-    _, hg = _online_hypergrad(module, raw, batches, val, make_inner())
+    _, hg = _online_hypergrad(module, raw, batches, val, make_inner(), hvp=hvp)
     assert _rel(hg, ref) <= 1e-5
 
 
@@ -415,6 +416,8 @@ def test_online_tangents_checkpoint_round_trip_and_errors():
     again = metakd.hypergrad.Tangents.from_list(list(params), z.to_list())
     assert all(torch.equal(again.params[k], z.params[k]) for k in params)
     assert len(again.state) == len(z.state) == 2 * len(params)  # Adam: m and v per parameter
+    with pytest.raises(ValueError, match="hvp must be 'loop' or 'batched'"):
+        metakd.hypergrad.tangent_step(train_loss, params, raw, batches[1], inner, state, z, hvp="x")
     with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
         metakd.hypergrad.tangent_step(train_loss, params, raw, batches[1], inner, state, z, decay=2)
     sgd = optim.sgd(0.1)

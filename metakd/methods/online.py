@@ -47,6 +47,7 @@ class Online(HypergradMethod):
 
     tangents: hypergrad.Tangents | None = None
     fused: bool = True
+    hvp: str = "loop"  # tangent_step's H products: "loop" or "batched" (measured slower, kept for the bench)
     _pending: tuple[int, dict[str, Tensor], float] | None = None
     optimizer_metaparams: tuple[str, ...] = ("lr", "weight_decay")
 
@@ -100,6 +101,7 @@ class Online(HypergradMethod):
             _, _, self.tangents = hypergrad.tangent_step(
                 tr.train_loss, {k: p.detach() for k, p in named.items()}, tr.meta.raw, batch,
                 inner, state, self.tangents, decay=tr.cfg.meta.hypergrad.online_decay, out=out,
+                hvp=self.hvp,
             )  # fmt: skip
         self._pending = (step, out["grad"], out["loss"]) if step is not None else None
 
