@@ -230,6 +230,21 @@ def run_step_bench(
     from metakd.bench import _versions
 
     rows: list[dict[str, Any]] = []
+
+    def pair(case: str, what: str, trainer: Trainer, a: tuple[str, Callable[[int], None]],
+             b: tuple[str, Callable[[int], None]], **extra: Any) -> None:  # fmt: skip
+        """Time runner a against runner b (interleaved blocks) and append the row a / b."""
+        if not quiet:
+            print(f"step bench: {case}, {what}", flush=True)
+        t = _compare([b[0], a[0]], {b[0]: b[1], a[0]: a[1]}, block, repeats, warmup=3)
+        ta, tb = t[a[0]], t[b[0]]
+        rows.append({
+            "case": case, "what": what, "params": sum(p.numel() for p in trainer.model.parameters()),
+            "a_s": ta["step_s"], "b_s": tb["step_s"], "a_cpu_s": ta["cpu_s"], "b_cpu_s": tb["cpu_s"],
+            "ratio": ta["step_s"] / tb["step_s"], "lambda_rel_diff": None, "check_steps": None,
+            **extra,
+        })  # fmt: skip
+
     for case in cases:
         cfg, splits, logits = _case(case)
         trainer = _trainer(cfg, splits, logits)
@@ -240,58 +255,21 @@ def run_step_bench(
         def floor_step(s: int, floor: FloorLoop = floor, trainer: Trainer = trainer) -> None:
             floor.step(trainer.batch(s), trainer.val_batch(s))
 
-        def trainer_step(s: int, trainer: Trainer = trainer) -> None:
-            trainer._one_step(s)
-
-        runners: dict[str, Callable[[int], None]] = {"floor": floor_step, "trainer": trainer_step}
-        if not quiet:
-            print(f"step bench: {case}", flush=True)
-        t = _compare(["floor", "trainer"], runners, block, repeats, warmup=3)
-        rows.append({
-            "case": case, "what": "trainer hypergrad / floor", "params": sum(p.numel() for p in trainer.model.parameters()),
-            "a_s": t["trainer"]["step_s"], "b_s": t["floor"]["step_s"],
-            "a_cpu_s": t["trainer"]["cpu_s"], "b_cpu_s": t["floor"]["cpu_s"],
-            "ratio": t["trainer"]["step_s"] / t["floor"]["step_s"],
-            "lambda_rel_diff": diff, "check_steps": check_steps,
-        })  # fmt: skip
+        pair(case, "trainer hypergrad / floor", trainer, ("trainer", trainer._one_step),
+             ("floor", floor_step), lambda_rel_diff=diff, check_steps=check_steps)  # fmt: skip
     if online and "cifar" in cases:
         plain = _trainer(*_case("cifar", method="fixed"))
         onl = _trainer(*_case("cifar", online=True))
-        if not quiet:
-            print("step bench: cifar online vs plain", flush=True)
-        t = _compare(
-            ["plain", "online"],
-            {"plain": plain._one_step, "online": onl._one_step},
-            block, repeats, warmup=3,
-        )  # fmt: skip
-        rows.append({
-            "case": "cifar", "what": "trainer online / trainer plain (fixed λ)",
-            "params": sum(p.numel() for p in plain.model.parameters()),
-            "a_s": t["online"]["step_s"], "b_s": t["plain"]["step_s"],
-            "a_cpu_s": t["online"]["cpu_s"], "b_cpu_s": t["plain"]["cpu_s"],
-            "ratio": t["online"]["step_s"] / t["plain"]["step_s"],
-            "lambda_rel_diff": None, "check_steps": None,
-        })  # fmt: skip
-        # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop
-        looped, batched = (
-            _trainer(*_case("cifar", online=True)),
-            _trainer(*_case("cifar", online=True)),
-        )
+        pair("cifar", "trainer online / trainer plain (fixed λ)", plain, ("online", onl._one_step),
+             ("plain", plain._one_step))  # fmt: skip
+        # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop;
+        # "λ rel. diff" of this row: of the two trainers' tangents after the same steps
+        looped = _trainer(*_case("cifar", online=True))
+        batched = _trainer(*_case("cifar", online=True))
         batched.hypergrad_method.hvp = "batched"  # type: ignore[union-attr]
-        if not quiet:
-            print("step bench: cifar online, batched vs looped HVPs", flush=True)
-        t = _compare(
-            ["loop", "batched"], {"loop": looped._one_step, "batched": batched._one_step},
-            block, repeats, warmup=3,
-        )  # fmt: skip
-        rows.append({
-            "case": "cifar", "what": "trainer online, batched HVPs / looped HVPs",
-            "params": sum(p.numel() for p in plain.model.parameters()),
-            "a_s": t["batched"]["step_s"], "b_s": t["loop"]["step_s"],
-            "a_cpu_s": t["batched"]["cpu_s"], "b_cpu_s": t["loop"]["cpu_s"],
-            "ratio": t["batched"]["step_s"] / t["loop"]["step_s"],
-            "lambda_rel_diff": _tangent_diff(looped, batched), "check_steps": None,
-        })  # fmt: skip
+        pair("cifar", "trainer online, batched HVPs / looped HVPs", plain,
+             ("batched", batched._one_step), ("loop", looped._one_step))  # fmt: skip
+        rows[-1]["lambda_rel_diff"] = _tangent_diff(looped, batched)
     result = {
         "config": {"block": block, "repeats": repeats, "threads": torch.get_num_threads()},
         "rows": rows,
