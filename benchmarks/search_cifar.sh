@@ -84,9 +84,13 @@ if [[ $STEP == metakd-online ]]; then
   # shellcheck disable=SC2046
   metakd search "${C[@]}" "${O[@]}" $(from metakd-online12) --retrain-seeds 0, > "$OUT/metakd-online12.log" 2>&1
 fi
-if [[ $STEP == all || $STEP == table ]]; then
-  python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "$OUT/grid" "$OUT/random" "$OUT/tpe" \
-    "$OUT/metakd" --figure "$OUT/search.png"
+if [[ $STEP == all || $STEP == table ]]; then  # every study there is; PERCLASS: issue 22's per-class pipeline
+  dirs=()
+  for name in grid random tpe metakd metakd-h40 metakd-lr05 metakd-online12; do
+    [[ -f $OUT/$name/results.json ]] && dirs+=("$OUT/$name")
+  done
+  [[ -n ${PERCLASS:-} && -f ${PERCLASS:-}/results.json ]] && dirs+=("$PERCLASS")
+  python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "${dirs[@]}" --figure "$OUT/search.png"
 fi
 if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
   for name in grid random tpe metakd metakd-lr05 metakd-online12 metakd-h40; do

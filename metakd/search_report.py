@@ -128,12 +128,19 @@ def _f(v: Any, d: int = 4) -> str:
 
 
 def finder_text(results: Mapping[str, Any]) -> str:
-    """A pipeline's finder: ``hypergrad (online)``, with the hypergradient method and the number of
-    metaparameter entries when its config is recorded."""
+    """A pipeline's finder: ``hypergrad (reverse, η = 20, 3 metaparameters)``: the hypergradient
+    method, its unroll η (look-ahead methods) and the number of metaparameter entries, when its config
+    is recorded."""
     meta = (results.get("config") or {}).get("meta") or {}
     method = (meta.get("hypergrad") or {}).get("method")
     entries = sum(math.prod(p.get("shape") or [1]) for p in (meta.get("params") or {}).values())
-    detail = ", ".join(x for x in (method, f"{entries} metaparameters" if entries else "") if x)
+    unroll = meta.get("unroll") if method in ("reverse", "forward") else None
+    parts = (
+        method,
+        f"η = {unroll}" if unroll else "",
+        f"{entries} metaparameters" if entries else "",
+    )
+    detail = ", ".join(x for x in parts if x)
     return f"{results.get('finder_method')}" + (f" ({detail})" if detail else "")
 
 
