@@ -34,7 +34,7 @@ def row(path: Path, r: dict) -> str:
         cpu = mean_std([x["cost_cpu"] for x in runs])
         lam = "; ".join(f"{x['seed']}: {_lam(x['values'])}" for x in runs)
         seeds = ", ".join(f"{x['seed']}: {x['test_accuracy']:.3f}" for x in runs)
-        return (f"| metakd pipeline ({finder_text(r)} finder, meta "
+        return (f"| `{path.name}`: metakd pipeline ({finder_text(r)} finder, meta "
                 f"{r.get('meta_optimizer', '?')}, {r['finder_epochs']} epochs → "
                 f"fixed-λ retrain {r['epochs']}) | per seed | {_pm(*wall, 2)} | {_pm(*cpu, 2)} "
                 f"| {lam} | – | {_pm(*acc)} | {seeds} |")  # fmt: skip
@@ -42,7 +42,7 @@ def row(path: Path, r: dict) -> str:
     acc = mean_std([x["test_accuracy"] for x in rt])
     seeds = ", ".join(f"{x['seed']}: {x['test_accuracy']:.3f}" for x in rt)
     budget = f"{c['trials']} trials" + (f" ({c['pruned']} pruned)" if c["pruned"] else "")
-    return (f"| {r['sampler']} ({r['space']['mode']} space) | {budget} | {c['plain_runs']:.2f} "
+    return (f"| `{path.name}`: {r['sampler']} ({r['space']['mode']} space) | {budget} | {c['plain_runs']:.2f} "
             f"| {c['plain_runs_cpu']:.2f} | {_lam(best['values'])} | {best['val_accuracy']:.4f} "
             f"| {_pm(*acc)} | {seeds} |")  # fmt: skip
 
