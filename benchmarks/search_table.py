@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--figure", type=Path, default=None)
     args = ap.parse_args()
     results = [json.loads((d / "results.json").read_text()) for d in args.dirs]
+    for d, r in zip(args.dirs, results, strict=True):
+        r["label"] = d.name  # the figure's legend names each study
     print(
         "| searcher | budget | compute (plain runs, wall) | compute (plain runs, CPU) "
         "| chosen λ | val acc (search seed) | test acc of the chosen λ, retrained | per seed |"
