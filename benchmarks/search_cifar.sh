@@ -34,6 +34,8 @@ UNROLL=${UNROLL:-20}  # the finder's horizon η (= steps between meta steps); UN
 # (META_LR=0.5 NAME=metakd-lr50 SEEDS=0, as well; and T held at 4, only β1, β2 learned: NAME=metakd-t4 SEEDS=0,
 # EXTRA="meta.params.temperature.lo=3.99 meta.params.temperature.hi=4.01")
 SEEDS=${SEEDS:-}      # metakd step: one process on these seeds (e.g. SEEDS=0, for a variant), not 0-2 + 3-4
+# the studies the table and commit steps take, where they exist
+STUDIES=(grid random tpe metakd metakd-t4 metakd-h40 metakd-lr50 metakd-lr05 metakd-online12)
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # EXTRA: more overrides, e.g. a dry run on tiny data:
 #   EXTRA="data.n_train=256 data.n_val=256 train.epochs=2" IMPORT=/tmp/none \
@@ -88,14 +90,14 @@ if [[ $STEP == metakd-online ]]; then
 fi
 if [[ $STEP == all || $STEP == table ]]; then  # every study there is; PERCLASS: issue 22's per-class pipeline
   dirs=()
-  for name in grid random tpe metakd metakd-h40 metakd-lr05 metakd-lr50 metakd-t4 metakd-online12; do
+  for name in "${STUDIES[@]}"; do
     [[ -f $OUT/$name/results.json ]] && dirs+=("$OUT/$name")
   done
   [[ -n ${PERCLASS:-} && -f ${PERCLASS:-}/results.json ]] && dirs+=("$PERCLASS")
   python "$(dirname "${BASH_SOURCE[0]}")/search_table.py" "${dirs[@]}" --figure "$OUT/search.png"
 fi
 if [[ $STEP == all || $STEP == commit ]]; then  # the reports, not the runs
-  for name in grid random tpe metakd metakd-lr05 metakd-lr50 metakd-t4 metakd-online12 metakd-h40; do
+  for name in "${STUDIES[@]}"; do
     [[ -f $OUT/$name/results.json ]] || continue
     mkdir -p "$IMPORT/$name"
     for f in results.json search.json results.md trials.csv; do

@@ -264,24 +264,24 @@ def search_figure(results: Sequence[Mapping[str, Any]]) -> Figure | None:
     ax = fig.add_subplot()
     for i, r in enumerate(results):
         color = f"C{i}"
-        pre = f"{r['label']}: " if r.get("label") else ""
+        name = r.get("label")
         if r["kind"] == "search":
+            name = name or r["sampler"]
             pts = [(t["cum_cost"], t["best_so_far_test"]) for t in r["trials"]
                    if t["best_so_far_test"] is not None]  # fmt: skip
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                label = f"{r.get('label') or r['sampler']} (best so far by val, search seed)"
+                label = f"{name} (best so far by val, search seed)"
                 ax.step(xs, ys, where="post", color=color, marker=".", label=label)
             rs = r.get("retrain_summary")
             if rs and rs.get("test_accuracy_mean") is not None:
                 ax.errorbar([r["cost"]["plain_runs"]], [rs["test_accuracy_mean"]],
                             yerr=[rs.get("test_accuracy_std") or 0.0], color=color, marker="s",
                             capsize=4, linestyle="none",
-                            label=f"{r.get('label') or r['sampler']}: chosen λ retrained, "
-                                  f"seeds {rs['seeds']}")  # fmt: skip
+                            label=f"{name}: chosen λ retrained, seeds {rs['seeds']}")  # fmt: skip
         else:
             runs = [x for x in r["runs"] if x.get("cost") is not None]
-            tag = f"{pre}metakd pipeline ({finder_text(r)}, meta {r.get('meta_optimizer', '?')})"
+            tag = f"{name + ': ' if name else ''}metakd pipeline ({finder_text(r)}, meta {r.get('meta_optimizer', '?')})"
             ax.scatter([x["cost"] for x in runs], [x["test_accuracy"] for x in runs], color=color,
                        marker="x", label=f"{tag}, per seed")  # fmt: skip
             s = r.get("summary") or {}
