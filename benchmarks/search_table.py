@@ -47,6 +47,16 @@ def row(path: Path, r: dict) -> str:
             f"| {_pm(*acc)} | {seeds} |")  # fmt: skip
 
 
+def per_class(path: Path, r: dict) -> None:
+    """For a pipeline with per-class λ: each entry's mean ± sample std over the seeds found."""
+    runs = r["runs"]
+    names = [k for k, v in runs[0]["values"].items() if isinstance(v, list)] if runs else []
+    for name in names:
+        cols = zip(*(x["values"][name] for x in runs), strict=True)
+        entries = ", ".join(f"{i}: {_pm(*mean_std(list(c)), 2)}" for i, c in enumerate(cols))
+        print(f"\n`{path.name}` {name} per class over seeds {[x['seed'] for x in runs]}: {entries}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
@@ -62,6 +72,9 @@ def main() -> None:
     print("|---|---|---:|---:|---|---:|---:|---|")
     for d, r in zip(args.dirs, results, strict=True):
         print(row(d, r))
+    for d, r in zip(args.dirs, results, strict=True):
+        if r["kind"] == "pipeline":
+            per_class(d, r)
     if args.figure is not None:
         fig = search_figure(results)
         if fig is not None:
