@@ -158,11 +158,22 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=500, ge=0, description="evaluate every N steps; 0: every epoch")
     log_every: int = Field(default=10, ge=1, description="write a metrics row every N steps")
     checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint every N epochs")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile the reverse look-ahead step (metakd.methods.compiled); "
+        "auto: long CPU runs of small models",
+    )
     hinton_scaling: bool = Field(default=False, description="multiply the distillation term by T²")
     normalize_weights: bool = Field(
         default=False,
         description="divide L_train by β1 + β2: the weights set only the mix of the two terms",
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean (``train.compile=off`` on the command line too)
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class ImplicitConfig(_Strict):
@@ -312,6 +323,12 @@ class WandbConfig(_Strict):
     tags: list[str] = Field(default_factory=list)
     dir: str | None = Field(default=None, description="None: the run directory")
     init_timeout: float = Field(default=30.0, gt=0)
+    max_rows_per_second: float = Field(
+        default=10.0,
+        ge=0,
+        description="step rows sent to W&B at most this often (evaluation rows always; "
+        "metrics.jsonl keeps every row); 0: every row",
+    )
 
 
 class Config(_Strict):

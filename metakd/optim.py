@@ -227,10 +227,10 @@ def adam(
         meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], AdamState]:
         g_lr, g_wd = _resolve(lr, meta), _resolve(weight_decay, meta)
-        t = state.step + 1
+        t = state.step + 1  # an int, or a 0-dim float64 tensor inside a compiled step
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         g: list[Tensor] = list(grads)
-        if isinstance(g_lr, float) and isinstance(g_wd, float):
+        if isinstance(g_lr, float) and isinstance(g_wd, float) and not isinstance(t, Tensor):
             if g_wd:
                 g = list(torch._foreach_add(g, list(params), alpha=g_wd))
             m = torch._foreach_add(torch._foreach_mul(list(state.exp_avg), b1), g, alpha=1 - b1)
@@ -243,11 +243,14 @@ def adam(
             ratio = torch._foreach_div(m, denom)
             new = torch._foreach_add(list(params), ratio, alpha=-g_lr / bc1)
             return tuple(new), AdamState(t, tuple(m), tuple(v))
+        # Metaparameter-valued hyperparameters or a tensor step counter (metakd.methods.compiled):
+        # per-tensor ops (foreach kernels take neither a tensor scalar nor its gradient).
         g = [gi + g_wd * p for gi, p in zip(g, params)]
         m2 = [b1 * mi + (1 - b1) * gi for mi, gi in zip(state.exp_avg, g)]
         v2 = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(state.exp_avg_sq, g)]
+        sq_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
         new2 = tuple(
-            p - (g_lr / bc1) * mi / (vi.clamp_min(_SQRT_FLOOR).sqrt() / math.sqrt(bc2) + eps)
+            p - (g_lr / bc1) * mi / (vi.clamp_min(_SQRT_FLOOR).sqrt() / sq_bc2 + eps)
             for p, mi, vi in zip(params, m2, v2)
         )
         return new2, AdamState(t, tuple(m2), tuple(v2))

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import numbers
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,13 @@ class WandbCallback(Callback):
         self.failed = False  # set after the one warning
         self.mode = cfg.wandb.mode if cfg is not None else "offline"
         self.url: str | None = None  # the run page (online mode)
+        # step rows beyond wandb.max_rows_per_second are not sent (metrics.jsonl keeps every row):
+        # a wandb.log call costs ~2 ms of the training process plus the W&B service's CPU, which was
+        # a fifth of the compiled default run (2,000 rows in ~30 s; docs/benchmarks.md)
+        rate = cfg.wandb.max_rows_per_second if cfg is not None else 0.0
+        self._min_gap = 1.0 / rate if rate > 0 else 0.0
+        self._last = -math.inf
+        self.throttled = 0  # step rows not sent
 
     # ------------------------------------------------------------------ failure handling
     def _fail(self, what: str, exc: BaseException) -> None:
@@ -184,9 +192,17 @@ class WandbCallback(Callback):
         return run
 
     def on_step(self, row: Mapping[str, Any]) -> None:
-        """Log one metrics row at ``row["step"]``."""
+        """Log one metrics row at ``row["step"]`` (at most ``wandb.max_rows_per_second``)."""
         if not self.active:
             return
+        now = time.monotonic()
+        if now - self._last < self._min_gap:
+            self.throttled += 1
+            return
+        self._last = now
+        self._log(row)
+
+    def _log(self, row: Mapping[str, Any]) -> None:
         try:
             import wandb
 
@@ -202,8 +218,9 @@ class WandbCallback(Callback):
             self._fail("log", exc)
 
     def on_eval(self, row: Mapping[str, Any]) -> None:
-        """Evaluation rows carry accuracies; they go on the same ``step`` axis."""
-        self.on_step(row)
+        """Evaluation rows carry accuracies; they go on the same ``step`` axis, every one of them."""
+        if self.active:
+            self._log(row)
 
     def on_run_end(self, summary: Mapping[str, Any]) -> None:
         """Write the summary (flattened) and close the run."""

@@ -248,16 +248,13 @@ class Trainer:
         if self._plain_meta_sgd:
             # torch.optim.SGD (momentum 0) after clip_grad_norm_, op for op, without their per-step
             # Python (hooks, .grad bookkeeping: most of a tiny model's meta update; bit-identical,
-            # tests/test_trainer.py)
+            # tests/test_trainer.py); the foreach ops run the same per-tensor kernels on the CPU
             with torch.no_grad():
                 if self.cfg.meta.clip is not None:
-                    total = torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(x) for x in g])
-                    )
+                    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
                     coef = torch.clamp(self.cfg.meta.clip / (total + 1e-6), max=1.0)
-                    g = [x * coef for x in g]
-                for p, x in zip(params, g):
-                    p.add_(x, alpha=-lr)
+                    g = list(torch._foreach_mul(g, coef))
+                torch._foreach_add_(params, g, alpha=-lr)
         else:
             for p, x in zip(params, g):
                 p.grad = x.clone()

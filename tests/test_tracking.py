@@ -241,3 +241,24 @@ def test_import_metakd_does_not_import_wandb():
     code = "import sys, metakd, metakd.tracking, metakd.progress; print('wandb' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_step_rows_are_throttled_to_the_rate_and_eval_rows_always_sent(monkeypatch):
+    cfg = load_config(None, ["wandb.max_rows_per_second=10"])
+    cb = WandbCallback(cfg, None)
+    logged: list[int] = []
+    cb.run = type("Run", (), {"log": lambda self, data: logged.append(data["step"])})()
+    clock = iter(
+        [0.0, 0.05, 0.099, 0.1, 0.15, 0.31, 0.32, 0.33, 0.34]
+    )  # time.monotonic per step row
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    rows = _rows(10)
+    for row in rows[:6]:
+        cb.on_step(row)
+    cb.on_eval(rows[9])  # evaluation rows are never dropped
+    assert logged == [1, 4, 6, 10] and cb.throttled == 2 + 1
+    every = WandbCallback(load_config(None, ["wandb.max_rows_per_second=0"]), None)
+    every.run = cb.run
+    for row in rows[:3]:
+        every.on_step(row)
+    assert logged[-3:] == [1, 2, 3] and every.throttled == 0

@@ -9,6 +9,8 @@ key                    class                                            module
 =====================  ===============================================  ==========================
 reverse, forward,      :class:`~metakd.methods.lookahead.LookAhead`     ``methods/lookahead.py``
 finite-difference
+reverse, compiled      :class:`~metakd.methods.compiled.CompiledLookAhead`  ``methods/compiled.py``
+(``train.compile``)
 online                 :class:`~metakd.methods.online.Online`           ``methods/online.py``
 implicit               :class:`~metakd.methods.implicit.Implicit`       ``methods/implicit.py``
 hypergrad (schedule)   :class:`~metakd.methods.schedules.Continuous`    ``methods/schedules.py``
@@ -37,11 +39,13 @@ A user's method outside metakd needs no edit here: ``meta.hypergrad.method=mypkg
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from metakd.config import ConfigError
-from metakd.methods import forecast, implicit, lookahead, online, schedules
+from metakd.methods import compiled, forecast, implicit, lookahead, online, schedules
 from metakd.methods.base import Grads, HypergradMethod
+from metakd.methods.compiled import CompiledLookAhead
 from metakd.methods.forecast import Forecast
 from metakd.methods.implicit import Implicit
 from metakd.methods.lookahead import LookAhead
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from metakd.trainer import Trainer
 
 __all__ = [
+    "CompiledLookAhead",
     "Continuous",
     "Forecast",
     "Frozen",
@@ -64,6 +69,7 @@ __all__ = [
     "Online",
     "available",
     "build_schedule",
+    "compiled",
     "forecast",
     "get",
     "implicit",
@@ -72,6 +78,9 @@ __all__ = [
     "register",
     "schedules",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 def build_schedule(trainer: Trainer) -> MetaSchedule:
@@ -90,5 +99,11 @@ def build_schedule(trainer: Trainer) -> MetaSchedule:
             " subclass; subclass it (see the metakd.methods docstring)"
         )
     method = cls(trainer)
+    # the reverse engine runs compiled where train.compile says so (metakd.methods.compiled)
+    use, why = compiled.compile_plan(trainer, method)
+    if trainer.cfg.train.compile != "off":
+        log.info("compiled step: %s (%s)", "yes" if use else "no", why)
+    if use:
+        method = compiled.CompiledLookAhead(trainer, required=trainer.cfg.train.compile == "on")
     method.check_metaparams()  # (again, for methods that do not call it themselves)
     return Forecast(trainer, method) if kind == "forecast" else Continuous(trainer, method)
