@@ -3,10 +3,12 @@
 #   bash benchmarks/gpu.sh OUTDIR
 # Runs (1) the hypergradient bench (cifar_very_tiny, batch 128, η = 1, 4, 16, 64, every engine,
 # median of 3; metakd's closed-form BatchNorm double backward switched on for CUDA too, so
-# metakd/reverse vs metakd/reverse-stockbn measures it there) and (2) the one-epoch bench (baseline / hypergrad / forecast), on CUDA, and writes
-# OUTDIR/{env.txt, bench.json, bench.md, bench_gpu.png, epoch.json, epoch.md, log.txt}.
+# metakd/reverse vs metakd/reverse-stockbn measures it there), (2) the one-epoch bench (baseline / hypergrad /
+# forecast) and (3) the step bench (metakd.bench_e2e: Trainer vs minimal loop, online vs plain), on CUDA, and writes
+# OUTDIR/{env.txt, bench.json, bench.md, bench_gpu.png, epoch.json, epoch.md, step.json, step.md, log.txt}.
 # Needs torch with CUDA, higher and torchopt; metakd is taken from this checkout (no install).
-# About 1-3 minutes on an H100/H200; each part is capped by `timeout`.
+# About 3-6 minutes on an H100/H200 (the step bench compiles its synthetic row once); each part is
+# capped by `timeout`.
 set -euo pipefail
 
 OUT="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
@@ -36,4 +38,7 @@ timeout 170 "$PY" -m metakd.bench --device cuda --model cifar_very_tiny --batch-
   2>&1 | tee "$OUT/log.txt"
 timeout 60 "$PY" -m metakd.bench --device cuda --model cifar_very_tiny --batch-size 128 \
   --e2e-only --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
+# (3) the step bench on CUDA (issue 21 item 6): the Trainer's step against the minimal eager loop (synthetic
+# default, eager and torch.compile'd; CIFAR student), and the online step against a plain one -> step.json/.md
+timeout 240 "$PY" -m metakd.bench_e2e --device cuda --repeats 5 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
 echo "results in $OUT"

@@ -109,8 +109,10 @@ class FloorLoop:
                 p.addcdiv_(mi, (vi.sqrt() / bc2).add_(_EPS), value=-self.lr / bc1)
 
 
-def _case(name: str, method: str = "hypergrad", online: bool = False) -> tuple[Config, Any, Any]:
-    """(config, splits, teacher logits) of a case; random data and teacher logits of its shape."""
+def _case(
+    name: str, method: str = "hypergrad", online: bool = False, device: str = "cpu"
+) -> tuple[Config, Any, Any]:
+    """(config, splits, teacher logits) of a case on ``device``; random data and teacher logits of its shape."""
     from metakd.bench import _synthetic_splits
     from metakd.data import load_data
 
@@ -119,10 +121,13 @@ def _case(name: str, method: str = "hypergrad", online: bool = False) -> tuple[C
         cfg = Config()  # the embedded default: logistic regression on 15 points, full batch
         cfg.meta = MetaConfig.model_validate({"method": method, "hypergrad": hyper})
         cfg.train.eval_every = 10**9  # no evaluation inside the timed steps
-        splits = load_data(cfg.data, cfg.seed, "cpu")
+        cfg.train.compile = "off"  # the eager Trainer; run_step_bench adds the compiled row
+        splits = load_data(cfg.data, cfg.seed, device)
         g = torch.Generator().manual_seed(1)
         logits = {
-            k: 2 * torch.randn(len(getattr(splits, k)), splits.num_classes, generator=g)
+            k: (2 * torch.randn(len(getattr(splits, k)), splits.num_classes, generator=g)).to(
+                device
+            )
             for k in ("train", "val", "test")
         }
         return cfg, splits, logits
@@ -139,15 +144,16 @@ def _case(name: str, method: str = "hypergrad", online: bool = False) -> tuple[C
         train=TrainConfig(optimizer="adam", lr=1e-3, epochs=100, batch_size=128, eval_every=10**9),
         meta=meta,
     )
-    splits, logits = _synthetic_splits("cifar_very_tiny", 20, 128, 128, torch.device("cpu"))
+    splits, logits = _synthetic_splits("cifar_very_tiny", 20, 128, 128, torch.device(device))
     return cfg, splits, logits
 
 
 def _trainer(cfg: Config, splits: Any, logits: Any) -> Trainer:
     torch.manual_seed(0)
     shape = tuple(int(s) for s in splits.train.x.shape[1:])
-    model = build_model(cfg.student, shape, splits.num_classes)
-    trainer = Trainer(cfg, model, splits, logits, device="cpu")
+    device = splits.train.x.device
+    model = build_model(cfg.student, shape, splits.num_classes).to(device)
+    trainer = Trainer(cfg, model, splits, logits, device=device)
     trainer.model.train()
     return trainer
 
@@ -162,10 +168,18 @@ def _floor_for(trainer: Trainer) -> FloorLoop:
     )  # fmt: skip
 
 
+def _sync() -> None:
+    """Wait for queued CUDA kernels (a no-op without CUDA), so a block's wall time is its own."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed_block(fn: Callable[[int], None], start: int, n: int) -> tuple[float, float]:
+    _sync()
     w0, c0 = time.perf_counter(), time.process_time()
     for s in range(start, start + n):
         fn(s)
+    _sync()
     return (time.perf_counter() - w0) / n, (time.process_time() - c0) / n
 
 
@@ -220,12 +234,17 @@ def run_step_bench(
     repeats: int = 7,
     online: bool = True,
     check_steps: int = 30,
+    compiled: bool = True,
+    device: str = "cpu",
     out: Path | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Per-step time of the Trainer (``hypergrad``, η = 1 reverse) against :class:`FloorLoop`, per case,
     CPU, in the current torch thread setting; ``online``: also the CIFAR student's online step against
-    its plain (``fixed``) step. Returns ``{"config", "rows", "env"}``; with ``out``, writes
+    its plain (``fixed``) step; ``compiled``: also the synthetic default's compiled Trainer step
+    (``train.compile=on``, :mod:`metakd.methods.compiled`; its compilation is not timed). ``device``:
+    where every case runs (``cuda`` for benchmarks/gpu.sh; CUDA kernels are synchronized around each
+    timed block, and the "CPU" columns are then the host's time). Returns ``{"config", "rows", "env"}``; with ``out``, writes
     ``step.json``/``step.md``."""
     from metakd.bench import _versions
 
@@ -246,7 +265,7 @@ def run_step_bench(
         })  # fmt: skip
 
     for case in cases:
-        cfg, splits, logits = _case(case)
+        cfg, splits, logits = _case(case, device=device)
         trainer = _trainer(cfg, splits, logits)
         floor = _floor_for(trainer)
         check = _trainer(cfg, splits, logits)
@@ -257,23 +276,35 @@ def run_step_bench(
 
         pair(case, "trainer hypergrad / floor", trainer, ("trainer", trainer._one_step),
              ("floor", floor_step), lambda_rel_diff=diff, check_steps=check_steps)  # fmt: skip
+        if compiled and case == "synthetic":  # torch.compile'd steps (metakd.methods.compiled)
+            cfg_c = cfg.model_copy(deep=True)
+            cfg_c.train.compile = "on"
+            fast, check = _trainer(cfg_c, splits, logits), _trainer(cfg_c, splits, logits)
+            diff = _trajectory_diff(check, _floor_for(check), check_steps)
+            pair(case, "trainer hypergrad, compiled / floor", fast, ("compiled", fast._one_step),
+                 ("floor", floor_step), lambda_rel_diff=diff, check_steps=check_steps)  # fmt: skip
     if online and "cifar" in cases:
-        plain = _trainer(*_case("cifar", method="fixed"))
-        onl = _trainer(*_case("cifar", online=True))
+        plain = _trainer(*_case("cifar", method="fixed", device=device))
+        onl = _trainer(*_case("cifar", online=True, device=device))
         pair("cifar", "trainer online / trainer plain (fixed λ)", plain, ("online", onl._one_step),
              ("plain", plain._one_step))  # fmt: skip
         # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop;
         # "λ rel. diff" of this row: of the two trainers' tangents after the same steps
-        looped = _trainer(*_case("cifar", online=True))
-        batched = _trainer(*_case("cifar", online=True))
+        looped = _trainer(*_case("cifar", online=True, device=device))
+        batched = _trainer(*_case("cifar", online=True, device=device))
         batched.hypergrad_method.hvp = "batched"  # type: ignore[union-attr]
         pair("cifar", "trainer online, batched HVPs / looped HVPs", plain,
              ("batched", batched._one_step), ("loop", looped._one_step))  # fmt: skip
         rows[-1]["lambda_rel_diff"] = _tangent_diff(looped, batched)
     result = {
-        "config": {"block": block, "repeats": repeats, "threads": torch.get_num_threads()},
+        "config": {
+            "block": block,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "device": device,
+        },
         "rows": rows,
-        "env": _versions(torch.device("cpu")),
+        "env": _versions(torch.device(device)),
     }
     if not quiet:
         print(step_markdown(result), flush=True)
@@ -300,7 +331,7 @@ def step_markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines.append(
         f"\nMedian of {cfg['repeats']} blocks of {cfg['block']} steps, interleaved; "
-        f"{cfg['threads']} torch thread(s)."
+        f"{cfg['threads']} torch thread(s), device {cfg.get('device', 'cpu')}."
     )
     return "\n".join(lines) + "\n"
 
@@ -315,13 +346,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-online", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     run_step_bench(
         [c for c in a.cases.split(",") if c], block=a.block, repeats=a.repeats,
-        online=not a.no_online, out=a.out,
+        online=not a.no_online, device=a.device, out=a.out,
     )  # fmt: skip
 
 

@@ -24,7 +24,9 @@ def test_step_bench_rows_and_files(tmp_path):
     result = bench_e2e.run_step_bench(
         ["synthetic"], block=2, repeats=1, online=False, check_steps=3, out=tmp_path, quiet=True
     )
-    (row,) = result["rows"]
+    row, comp = result["rows"]
+    assert comp["what"] == "trainer hypergrad, compiled / floor" and comp["lambda_rel_diff"] < 1e-5
+    assert comp["a_s"] > 0 and comp["b_s"] > 0
     assert row["case"] == "synthetic" and row["params"] == 8
     assert row["a_s"] > 0 and row["b_s"] > 0 and row["ratio"] == row["a_s"] / row["b_s"]
     assert row["lambda_rel_diff"] < 1e-5
