@@ -18,6 +18,11 @@ included). How the reference is obtained, in this order:
    (``train.epochs`` × :data:`CALIBRATION_FRACTION`, at least one epoch) is timed in-process after the
    run has finished (it changes nothing the run wrote) and cached.
 
+With ``train.compile=auto`` the key and the calibration run take what auto chose for the run being
+priced (compiled or eager step, :mod:`metakd.methods.compiled`), so a compiled run is priced in compiled
+plain runs; references are per-step seconds without the one-off compilation (``compile_seconds``),
+which stays in the priced run's own wall time.
+
 Studies and pipelines use their own fixed-λ runs as the reference (:func:`study_reference`): the
 searchers' trials, and the pipeline's retrain, were measured alongside on the same machine. On a
 shared machine the absolute seconds drift (10–25 % here); ratios measured in one sitting are the
@@ -70,6 +75,8 @@ def reference_key(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(hash, fields): the settings and machine that a plain run's per-step cost depends on."""
     d = config_to_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("epochs", "checkpoint_every")}
+    # the kind of step: run_cost resolves auto to what the run chose; unresolved, auto means eager
+    train["compile"] = "compiled" if train.get("compile") == "on" else "eager"
     data = {k: v for k, v in d["data"].items() if k not in ("data_seed", "cache_dir")}
     fields = {
         "data": data, "student": d["student"], "train": train, "device": d["device"],
@@ -140,9 +147,10 @@ def calibrate(cfg: Config, fraction: float = CALIBRATION_FRACTION) -> dict[str, 
     splits, logits, model = _build(short, device)
     trainer = Trainer(short, model, splits, logits, device=device)
     cpu0 = time.process_time()
-    trainer.train()
+    summary = trainer.train()
     cpu = time.process_time() - cpu0
-    wall, steps = trainer.wall_seconds, trainer.step
+    # a compiled reference: its per-step seconds without its one-off compilation
+    wall, steps = trainer.wall_seconds - summary["compile_seconds"], trainer.step
     record_reference(cfg, wall, cpu, steps, f"calibration ({epochs} epochs)")
     return {"wall_per_step": wall / steps, "cpu_per_step": cpu / steps, "samples": 1.0}
 
@@ -167,9 +175,15 @@ def run_cost(cfg: Config, summary: Mapping[str, Any], *, calibrate_missing: bool
     cpu = summary.get("cpu_seconds")
     steps = int(summary.get("steps") or 0)
     method = str(summary.get("method"))
+    if cfg.train.compile == "auto":
+        # the reference is a plain run of the same kind of step (metakd.methods.compiled): the
+        # cache key and a calibration run carry what auto chose for this run
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.compile = "on" if summary.get("compiled") else "off"
     ref: dict[str, Any]
     if method in FIXED_METHODS:
-        record_reference(cfg, wall, float(cpu or 0.0), steps, f"run {summary.get('run_dir')}")
+        own = wall - float(summary.get("compile_seconds") or 0.0)  # per-step seconds, not compiling
+        record_reference(cfg, own, float(cpu or 0.0), steps, f"run {summary.get('run_dir')}")
         cost = {"plain_runs": 1.0, "plain_runs_cpu": 1.0 if cpu is not None else None}
         ref = {"source": "self", "wall_seconds": wall, "cpu_seconds": cpu}
         return {"cost": {**cost, "reference": ref}, "plain_runs": 1.0}

@@ -408,7 +408,18 @@ class Trainer:
             "phase_seconds": dict(self.phase_seconds),
             **self.schedule.summary(),  # forecaster, forecast_target, window
             "unroll": method.unroll if method is not None else None,
+            **self._compiled_summary(),
         }
+
+    def _compiled_summary(self) -> dict[str, Any]:
+        """``compiled``: whether the steps ran compiled (``train.compile``, metakd.methods.compiled;
+        False after a fallback to eager) and ``compile_seconds`` this process spent compiling."""
+        steps = getattr(self.schedule, "compiled", None) or getattr(
+            self.schedule.method, "compiled", None
+        )
+        if steps is None:
+            return {"compiled": False, "compile_seconds": 0.0}
+        return {"compiled": not steps.eager, "compile_seconds": steps.compile_seconds}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (loads with ``torch.load(weights_only=True)``)."""

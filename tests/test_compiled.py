@@ -54,9 +54,9 @@ def pair():
 
 def test_compiled_training_equals_eager(pair):
     comp, eager = pair
-    method = comp.hypergrad_method
+    steps = comp.hypergrad_method.compiled
     # step 0 runs eager (torch's Adam creates its state there), every later step compiled
-    assert method.calls == {"hypergradient": 39, "real training step": 39} and not method.eager
+    assert steps.calls == {"hypergradient": 39, "real training step": 39} and not steps.eager
     _assert_same_training(comp, eager)
     assert comp.counters == eager.counters
 
@@ -107,11 +107,28 @@ def test_compiled_sgd_momentum_two_step_unroll():
     for s in range(12):
         comp._one_step(s)
         eager._one_step(s)
-    assert comp.hypergrad_method.calls["hypergradient"] == 11
+    assert comp.hypergrad_method.compiled.calls["hypergradient"] == 11
     _assert_same_training(comp, eager, rtol=1e-4)
     got, ref = comp.hypergradient(12)[0], eager.hypergradient(12)[0]
     for n in got:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("method", ["fixed", "baseline"])
+def test_compiled_plain_runs_equal_eager(method):
+    """Runs without meta steps (a search's trials, the ledger's reference) compile their real step."""
+    comp, eager = _trainer("on"), _trainer("off")
+    for t in (comp, eager):
+        t.cfg.meta.method = method
+        t.cfg.meta.values = {"beta1": 0.6, "beta2": 0.3, "temperature": 3.0}
+    comp, eager = (bench_e2e._trainer(t.cfg, t.splits, t.teacher_logits) for t in (comp, eager))
+    assert comp.schedule.compiled is not None and eager.schedule.compiled is None
+    for s in range(25):
+        comp._one_step(s)
+        eager._one_step(s)
+    assert comp.schedule.compiled.calls == {"real training step": 24}
+    for (k, x), y in zip(comp.model.state_dict().items(), eager.model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_compile_plan_auto_on_off():
@@ -150,7 +167,7 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
         for s in range(5):
             comp._one_step(s)
             eager._one_step(s)
-    assert comp.hypergrad_method.eager
+    assert comp.hypergrad_method.compiled.eager
     assert (
         "torch.compile failed for the hypergradient (RuntimeError: inductor exploded)"
         in caplog.text
@@ -160,3 +177,19 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
     required._one_step(0)
     with pytest.raises(RuntimeError, match="inductor exploded"):
         required._one_step(1)
+
+
+def test_a_compiled_run_is_priced_in_compiled_plain_runs(tmp_path):
+    from metakd import ledger
+    from metakd.run import train_run
+
+    over = [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=40", "wandb.mode=disabled"]
+    cfg = load_config(None, [*over, "train.compile=on"])
+    summary = train_run(cfg, tmp_path / "run")
+    assert summary["compiled"] and summary["compile_seconds"] > 0
+    assert summary["cost"]["reference"]["source"] == "calibration"
+    # the calibration (2 steps) ran compiled and is recorded under the compiled key only
+    assert ledger.lookup_reference(cfg) is not None
+    assert ledger.lookup_reference(load_config(None, [*over, "train.compile=off"])) is None
+    eager = train_run(load_config(None, [*over, "train.compile=off"]), tmp_path / "eager")
+    assert not eager["compiled"] and eager["compile_seconds"] == 0.0

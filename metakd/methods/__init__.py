@@ -86,8 +86,14 @@ log = logging.getLogger(__name__)
 def build_schedule(trainer: Trainer) -> MetaSchedule:
     """The schedule of ``trainer.cfg.meta.method`` around the method of ``meta.hypergrad.method``."""
     kind = trainer.cfg.meta.method
-    if kind not in ("hypergrad", "forecast"):
-        return Frozen(trainer)
+    if kind not in ("hypergrad", "forecast"):  # no meta steps: only the real step may be compiled
+        use, why = compiled.compile_plan(trainer, None)
+        if trainer.cfg.train.compile != "off":
+            log.info("compiled step: %s (%s)", "yes" if use else "no", why)
+        required = trainer.cfg.train.compile == "on"
+        return Frozen(
+            trainer, compiled=compiled.CompiledSteps(trainer, required=required) if use else None
+        )
     key = trainer.cfg.meta.hypergrad.method
     try:
         cls = get(key)

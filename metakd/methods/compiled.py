@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from metakd.batches import Batch
     from metakd.trainer import Trainer
 
-__all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "compile_plan"]
+__all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "CompiledSteps", "compile_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,13 @@ log = logging.getLogger(__name__)
 AUTO_MIN_STEPS = 10_000
 
 
-def _unsupported(trainer: Trainer) -> str | None:
-    """Why this trainer's step cannot be compiled (None: it can)."""
+def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
+    """Why this trainer's step cannot be compiled (None: it can); ``frozen``: a run without meta
+    steps (fixed / random / baseline), whose real step alone is compiled."""
     cfg, hc = trainer.cfg, trainer.cfg.meta.hypergrad
-    if hc.method != "reverse" or hc.backend != "func" or hc.checkpoint:
+    if not frozen and (hc.method != "reverse" or hc.backend != "func" or hc.checkpoint):
         return "only meta.hypergrad.method=reverse with backend=func (no checkpoint) is compiled"
-    if hc.unroll_optimizer != "match":
+    if not frozen and hc.unroll_optimizer != "match":
         return "hypergrad.unroll_optimizer=sgd is not compiled"
     if trainer.binding.names:
         return "a metaparameter-valued optimizer hyperparameter (meta.params.lr/weight_decay)"
@@ -80,15 +81,17 @@ def _unsupported(trainer: Trainer) -> str | None:
 
 def compile_plan(trainer: Trainer, method: HypergradMethod | None = None) -> tuple[bool, str]:
     """(compile?, reason) for ``train.compile`` of ``trainer``'s config and its hypergradient
-    ``method`` (default the trainer's); raises ConfigError for ``on`` with a setting that cannot be
-    compiled."""
+    ``method`` (default the trainer's; None for a run without meta steps); raises ConfigError for
+    ``on`` with a setting that cannot be compiled."""
     mode = trainer.cfg.train.compile
     if mode == "off":
         return False, "train.compile=off"
-    method = trainer.schedule.method if method is None else method
-    if type(method) not in (LookAhead, CompiledLookAhead):  # online, implicit, a user's method
+    if method is None and hasattr(trainer, "schedule"):
+        method = trainer.schedule.method
+    frozen = method is None  # fixed / random / baseline: the real step alone
+    if not frozen and type(method) not in (LookAhead, CompiledLookAhead):  # online, implicit, ...
         return False, f"{type(method).__name__} steps are not compiled (only reverse look-aheads)"
-    why = _unsupported(trainer)
+    why = _unsupported(trainer, frozen)
     if why is None and shutil.which("c++") is None and shutil.which("g++") is None:
         why = "no C++ compiler (c++/g++) on PATH for inductor's CPU kernels"
     if why is None and trainer.device.type != "cpu" and mode == "auto":
@@ -113,24 +116,27 @@ def compile_plan(trainer: Trainer, method: HypergradMethod | None = None) -> tup
     return True, f"{trainer.total_steps:,} steps of a small model (work per step {work:,} elements)"
 
 
-class CompiledLookAhead(LookAhead):
-    """:class:`LookAhead` (reverse) whose hypergradient and real step run compiled (module docstring)."""
+class CompiledSteps:
+    """The compiled functions of one trainer (module docstring): ``real_step`` for every schedule
+    (the plain runs of ``fixed``/``random``/``baseline`` too, so a search's trials and the cost
+    ledger's reference run the same kind of step as the runs they are compared with) and, with
+    ``eta``, the η-step reverse hypergradient. ``eager`` turns True after a failed compilation."""
 
-    def __init__(self, trainer: Trainer, *, required: bool = False) -> None:
-        super().__init__(trainer)
-        self.required = required
+    def __init__(self, trainer: Trainer, *, eta: int | None = None, required: bool = False) -> None:
+        self.trainer, self.eta, self.required = trainer, eta, required
         self.names = [k for k, _ in trainer.model.named_parameters()]
-        self._hyper: Callable[..., Any] | None = None
-        self._real: Callable[..., Any] | None = None
+        self.hyper: Callable[..., Any] | None = None
+        self.real: Callable[..., Any] | None = None
         self._key: tuple[Any, ...] | None = None
-        self.eager = False  # True after a failed compilation: the eager LookAhead from then on
+        self.eager = False
         self._seen: set[tuple[Any, ...]] = set()
         self.calls: dict[str, int] = {}  # compiled calls per function (hypergradient, real step)
+        self.compile_seconds = 0.0  # wall seconds of the calls that compiled (or looked up) a graph
 
     # ------------------------------------------------------------------ the pure functions
     def _build(self) -> None:
-        """The two compiled functions for the optimizer's current hyperparameters."""
-        tr, names, eta = self.trainer, self.names, self.eta
+        """The compiled functions for the optimizer's current hyperparameters."""
+        tr, names, eta = self.trainer, self.names, self.eta or 1
         inner, _ = tr.inner_optimizer()
         update = inner.update_tuple
 
@@ -165,16 +171,16 @@ class CompiledLookAhead(LookAhead):
                     dst.copy_(torch.where(ok, src, dst))
             return loss
 
-        self._hyper = torch.compile(hyper, dynamic=False)
-        self._real = torch.compile(real, dynamic=False)
+        self.hyper = torch.compile(hyper, dynamic=False) if self.eta else None
+        self.real = torch.compile(real, dynamic=False)
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         """Build (again, when the optimizer's hyperparameters moved) and report whether to compile."""
         if self.eager:
             return False
         group = self.trainer.optimizer.param_groups[0]
-        key = tuple(group.get(k) for k in ("lr", "betas", "eps", "weight_decay", "momentum",
-                                           "dampening", "nesterov"))  # fmt: skip
+        names = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")
+        key = (*(group.get(k) for k in names), self.eta)
         if key != self._key:
             self._build()
             self._key = key
@@ -222,14 +228,14 @@ class CompiledLookAhead(LookAhead):
             return None
         finally:
             cpp_log.setLevel(level)
+        self.compile_seconds += time.perf_counter() - t0
         if first:
             log.info("compiled the %s in %.1f s", what, time.perf_counter() - t0)
         self._seen.add(key)
         self.calls[what] = self.calls.get(what, 0) + 1
         return out
 
-    # ------------------------------------------------------------------ the method's hooks
-    def _opt_state(self) -> tuple[Any, list[Tensor]] | None:
+    def opt_state(self) -> tuple[Any, list[Tensor]] | None:
         """The functional optimizer state of the real one (step as a float64 tensor) and the torch
         step counters; None where the eager path must run (no torch state yet, SGD's first step)."""
         opt = self.trainer.optimizer
@@ -250,6 +256,43 @@ class CompiledLookAhead(LookAhead):
             return None  # SGD's first momentum step (b = g) runs eager
         return optim.SgdState(1, tuple(bufs)), []  # type: ignore[arg-type]
 
+    def real_step(self, batch: Batch) -> float | None:
+        """The real step compiled (None: take the trainer's eager step, e.g. the optimizer's first)."""
+        tr = self.trainer
+        st = self.opt_state()
+        if st is None or not self.ready():
+            return None
+        assert self.real is not None
+        raw = {n: tr.meta.raw[n].detach() for n in tr.meta.names} if tr.meta is not None else {}
+        w = [p.detach() for p in tr.model.parameters()]
+        loss = self._call("real training step", self.real, (raw, w, st[0], st[1], batch))
+        return None if loss is None else float(loss)
+
+    def hypergradient(self, steps: Sequence[int], vb: tuple[Tensor, Tensor]) -> Grads | None:
+        """The η-step reverse hypergradient over the train batches of ``steps`` (None: eager)."""
+        tr = self.trainer
+        st = self.opt_state()
+        if self.eta is None or len(steps) != self.eta or st is None or not self.ready():
+            return None
+        assert tr.meta is not None and self.hyper is not None
+        raw = {n: tr.meta.raw[n].detach() for n in tr.meta.names}
+        w = tuple(p.detach() for p in tr.model.parameters())
+        batches = [tr.batch(s) for s in steps]
+        out = self._call("hypergradient", self.hyper, (raw, w, _detached(st[0]), batches, vb))
+        if out is None:
+            return None
+        g, finite = out
+        return {n: g[n] for n in tr.meta.names}, bool(finite)
+
+
+class CompiledLookAhead(LookAhead):
+    """:class:`LookAhead` (reverse) whose hypergradient and real step run compiled
+    (:class:`CompiledSteps`; the module docstring)."""
+
+    def __init__(self, trainer: Trainer, *, required: bool = False) -> None:
+        super().__init__(trainer)
+        self.compiled = CompiledSteps(trainer, eta=self.eta, required=required)
+
     def hypergradient(
         self,
         step: int,
@@ -258,35 +301,17 @@ class CompiledLookAhead(LookAhead):
         val_batch: tuple[Tensor, Tensor] | None = None,
     ) -> Grads:
         """As :meth:`LookAhead.hypergradient`, compiled (η = ``meta.unroll`` batches)."""
-        tr = self.trainer
+        self.compiled.eta = self.eta
         steps = list(range(step, step + self.eta) if train_steps is None else train_steps)
-        st = self._opt_state()
-        if len(steps) != self.eta or st is None or not self._ready():
-            return super().hypergradient(step, train_steps=train_steps, val_batch=val_batch)
-        assert tr.meta is not None and self._hyper is not None
-        raw = {n: tr.meta.raw[n].detach() for n in tr.meta.names}
-        w = tuple(p.detach() for p in tr.model.parameters())
-        vb = tr.val_batch(step) if val_batch is None else val_batch
-        batches = [tr.batch(s) for s in steps]
-        out = self._call("hypergradient", self._hyper, (raw, w, _detached(st[0]), batches, vb))
+        vb = self.trainer.val_batch(step) if val_batch is None else val_batch
+        out = self.compiled.hypergradient(steps, vb)
         if out is None:
             return super().hypergradient(step, train_steps=train_steps, val_batch=val_batch)
-        g, finite = out
-        return {n: g[n] for n in tr.meta.names}, bool(finite)
+        return out
 
     def real_step(self, step: int, batch: Batch) -> float | None:
         """The real step compiled (None: the trainer's eager step, e.g. the optimizer's first)."""
-        tr = self.trainer
-        st = self._opt_state()
-        if st is None or not self._ready():
-            return None
-        assert tr.meta is not None and self._real is not None
-        raw = {n: tr.meta.raw[n].detach() for n in tr.meta.names}
-        w = [p.detach() for p in tr.model.parameters()]
-        loss = self._call("real training step", self._real, (raw, w, st[0], st[1], batch))
-        if loss is None:
-            return None
-        return float(loss)
+        return self.compiled.real_step(batch)
 
 
 def _float64_step(state: Any) -> Any:

@@ -24,6 +24,7 @@ from metakd.methods.base import HypergradMethod
 
 if TYPE_CHECKING:
     from metakd.batches import Batch
+    from metakd.methods.compiled import CompiledSteps
     from metakd.trainer import Trainer
 
 __all__ = ["Continuous", "Frozen", "MetaSchedule"]
@@ -75,7 +76,17 @@ class MetaSchedule:
 
 
 class Frozen(MetaSchedule):
-    """``baseline``, ``fixed``, ``random``: λ stays at its initial value; no meta steps."""
+    """``baseline``, ``fixed``, ``random``: λ stays at its initial value; no meta steps.
+
+    ``compiled``: the real step as a compiled function (``train.compile``,
+    :class:`metakd.methods.compiled.CompiledSteps`), None for the trainer's eager step."""
+
+    def __init__(self, trainer: Trainer, compiled: CompiledSteps | None = None) -> None:
+        super().__init__(trainer)
+        self.compiled = compiled
+
+    def real_step(self, step: int, batch: Batch) -> float | None:
+        return self.compiled.real_step(batch) if self.compiled is not None else None
 
 
 class Continuous(MetaSchedule):
