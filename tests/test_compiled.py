@@ -98,6 +98,7 @@ def test_compiled_resume_is_exact(pair):
     _assert_same_training(straight, resumed, rtol=0)
 
 
+@pytest.mark.slow  # two more graphs to compile: ~21 s with an empty inductor cache (CI's test budget)
 def test_compiled_sgd_momentum_two_step_unroll():
     """SGD with momentum (its first step eager: b = g) and η = 2, against the eager engine."""
     comp, eager = (_trainer(m, optimizer="sgd", lr=0.1, momentum=0.9) for m in ("on", "off"))
