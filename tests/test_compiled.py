@@ -194,3 +194,21 @@ def test_a_compiled_run_is_priced_in_compiled_plain_runs(tmp_path):
     assert ledger.lookup_reference(load_config(None, [*over, "train.compile=off"])) is None
     eager = train_run(load_config(None, [*over, "train.compile=off"]), tmp_path / "eager")
     assert not eager["compiled"] and eager["compile_seconds"] == 0.0
+
+
+def test_compiled_forecast_schedule_equals_eager():
+    """Predict windows set raw λ from the forecaster; the compiled real step reads it from there."""
+    pairs = []
+    for mode in ("on", "off"):
+        t = _trainer(mode)
+        t.cfg.meta.method = "forecast"
+        t.cfg.forecast.window = 4
+        pairs.append(bench_e2e._trainer(t.cfg, t.splits, t.teacher_logits))
+    comp, eager = pairs
+    assert type(comp.hypergrad_method) is CompiledLookAhead
+    for s in range(24):  # windows of 4: optimize, predict, optimize, ...
+        comp._one_step(s)
+        eager._one_step(s)
+    assert comp.counters == eager.counters and comp.counters["predicted_steps"] > 0
+    assert comp.hypergrad_method.compiled.calls["real training step"] == 23
+    _assert_same_training(comp, eager)
