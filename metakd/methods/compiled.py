@@ -11,8 +11,8 @@ few C++ loops:
       g = ∇_r L_val(U^η(w, s; λ(r)); B_val),   U(w, s) = optimizer update with ∇_w L_train(w, λ(r); B_t)
 
   as ``torch.func.grad`` of the unroll (reverse-over-reverse; :func:`metakd.hypergrad.hypergradient`
-  computes the same with ``torch.autograd.grad``, and the tests compare the two and finite
-  differences);
+  computes the same with ``torch.autograd.grad`` and is checked against finite differences; the tests
+  compare the compiled one with it and with forward mode);
 * the real step: ∇_w L_train(w, λ; B) and the student optimizer's update (the functional twin of the
   real ``torch.optim.Adam``/``SGD``, :mod:`metakd.optim`), written in place into the module's
   parameters and the torch optimizer's own state tensors, so checkpoints, resume and
@@ -20,9 +20,11 @@ few C++ loops:
   differently from torch's eager ones, ~1e-7 relative per step).
 
 Chosen by ``train.compile`` (``auto`` | ``on`` | ``off``) for ``meta.hypergrad.method=reverse`` with
-``backend=func``; :func:`compile_plan` says why a run is or is not compiled. ``auto`` compiles CPU runs
+``backend=func``, and for runs without meta steps (``fixed``, ``random``, ``baseline``: the real step
+alone, :class:`CompiledSteps` in the ``Frozen`` schedule); :func:`compile_plan` says why a run is or is
+not compiled. ``auto`` compiles CPU runs
 of a small model (:data:`metakd.threads.SMALL_WORK`) that are long enough to repay the compilation
-(:data:`AUTO_MIN_STEPS`): ~45 s the first time on a machine (inductor probes the CPU and builds
+(:data:`AUTO_MIN_STEPS`): ~40 s the first time on a machine (inductor probes the CPU and builds
 its kernels), a few seconds once torch's cache (``TORCHINDUCTOR_CACHE_DIR``) holds them. A
 compilation that fails falls back to the eager :class:`LookAhead` with a warning (``on``: the error).
 """
@@ -51,7 +53,7 @@ __all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "CompiledSteps", "compile_plan
 
 log = logging.getLogger(__name__)
 
-#: ``train.compile=auto`` compiles runs of at least this many steps (the compilation costs ~5-45 s;
+#: ``train.compile=auto`` compiles runs of at least this many steps (the compilation costs ~4-40 s;
 #: a small model's eager step ~3 ms, its compiled step ~0.5 ms).
 AUTO_MIN_STEPS = 10_000
 
@@ -210,7 +212,7 @@ class CompiledSteps:
                     raise
         first = not any(k[0] == what for k in self._seen)
         if first:
-            log.info("compiling the %s with torch.compile (inductor): ~45 s the first time on "
+            log.info("compiling the %s with torch.compile (inductor): ~40 s the first time on "
                      "a machine, seconds once cached", what)  # fmt: skip
         t0 = time.perf_counter()
         # torch warns "No CUDA runtime is found" while it builds CPU kernels on a machine without CUDA
