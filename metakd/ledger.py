@@ -18,9 +18,9 @@ included). How the reference is obtained, in this order:
    (``train.epochs`` × :data:`CALIBRATION_FRACTION`, at least one epoch) is timed in-process after the
    run has finished (it changes nothing the run wrote) and cached.
 
-With ``train.compile=auto`` the key and the calibration run take what auto chose for the run being
-priced (compiled or eager step, :mod:`metakd.methods.compiled`), so a compiled run is priced in compiled
-plain runs; references are per-step seconds without the one-off compilation (``compile_seconds``),
+The key and the calibration run take the kind of step the priced run ran (compiled or eager,
+``summary["compiled"]``: ``train.compile=auto``'s choice, :mod:`metakd.methods.compiled`), so a compiled
+run is priced in compiled plain runs; references are per-step seconds without the one-off compilation (``compile_seconds``),
 which stays in the priced run's own wall time.
 
 Studies and pipelines use their own fixed-λ runs as the reference (:func:`study_reference`): the
@@ -175,11 +175,10 @@ def run_cost(cfg: Config, summary: Mapping[str, Any], *, calibrate_missing: bool
     cpu = summary.get("cpu_seconds")
     steps = int(summary.get("steps") or 0)
     method = str(summary.get("method"))
-    if cfg.train.compile == "auto":
-        # the reference is a plain run of the same kind of step (metakd.methods.compiled): the
-        # cache key and a calibration run carry what auto chose for this run
-        cfg = cfg.model_copy(deep=True)
-        cfg.train.compile = "on" if summary.get("compiled") else "off"
+    # the reference is a plain run of the same kind of step (metakd.methods.compiled): the cache
+    # key and a calibration run carry what this run ran (auto's choice, or eager after a failure)
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.compile = "on" if summary.get("compiled") else "off"
     ref: dict[str, Any]
     if method in FIXED_METHODS:
         own = wall - float(summary.get("compile_seconds") or 0.0)  # per-step seconds, not compiling

@@ -137,11 +137,15 @@ def test_compile_plan_auto_on_off():
     assert [load_config(None, [f"train.compile={v}"]).train.compile for v in ("on", "off", "auto")] == [
         "on", "off", "auto"
     ]  # fmt: skip
-    assert compiled.compile_plan(_trainer("auto"))[0]  # the embedded default: 20,000 steps
+    auto = _trainer("auto")
+    assert compiled.compile_plan(auto, auto.hypergrad_method)[
+        0
+    ]  # the embedded default: 20,000 steps
     short = _trainer("auto", epochs=500)
-    use, why = compiled.compile_plan(short)
+    use, why = compiled.compile_plan(short, short.hypergrad_method)
     assert not use and "500 steps" in why and type(short.hypergrad_method) is LookAhead
-    assert compiled.compile_plan(_trainer("off")) == (False, "train.compile=off")
+    off = _trainer("off")
+    assert compiled.compile_plan(off, off.hypergrad_method) == (False, "train.compile=off")
     # a student with BatchNorm buffers: auto says why, on refuses with the fix
     cfg, splits, logits = bench_e2e._case("cifar")
     cfg.train.compile = "on"
@@ -152,7 +156,7 @@ def test_compile_plan_auto_on_off():
     cfg.train.compile = "auto"
     trainer = Trainer(cfg, model, splits, logits, device="cpu")
     assert type(trainer.hypergrad_method) is LookAhead
-    assert "buffers" in compiled.compile_plan(trainer)[1]
+    assert "buffers" in compiled.compile_plan(trainer, trainer.hypergrad_method)[1]
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):

@@ -39,7 +39,6 @@ A user's method outside metakd needs no edit here: ``meta.hypergrad.method=mypkg
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from metakd.config import ConfigError
@@ -80,19 +79,12 @@ __all__ = [
 ]
 
 
-log = logging.getLogger(__name__)
-
-
 def build_schedule(trainer: Trainer) -> MetaSchedule:
     """The schedule of ``trainer.cfg.meta.method`` around the method of ``meta.hypergrad.method``."""
     kind = trainer.cfg.meta.method
     if kind not in ("hypergrad", "forecast"):  # no meta steps: only the real step may be compiled
-        use, why = compiled.compile_plan(trainer, None)
-        if trainer.cfg.train.compile != "off":
-            log.info("compiled step: %s (%s)", "yes" if use else "no", why)
-        required = trainer.cfg.train.compile == "on"
         return Frozen(
-            trainer, compiled=compiled.CompiledSteps(trainer, required=required) if use else None
+            trainer, compiled.CompiledSteps(trainer) if compiled.chosen(trainer, None) else None
         )
     key = trainer.cfg.meta.hypergrad.method
     try:
@@ -105,11 +97,7 @@ def build_schedule(trainer: Trainer) -> MetaSchedule:
             " subclass; subclass it (see the metakd.methods docstring)"
         )
     method = cls(trainer)
-    # the reverse engine runs compiled where train.compile says so (metakd.methods.compiled)
-    use, why = compiled.compile_plan(trainer, method)
-    if trainer.cfg.train.compile != "off":
-        log.info("compiled step: %s (%s)", "yes" if use else "no", why)
-    if use:
-        method = compiled.CompiledLookAhead(trainer, required=trainer.cfg.train.compile == "on")
+    if compiled.chosen(trainer, method):  # the reverse engine, compiled where train.compile says
+        method = compiled.CompiledLookAhead(trainer)
     method.check_metaparams()  # (again, for methods that do not call it themselves)
     return Forecast(trainer, method) if kind == "forecast" else Continuous(trainer, method)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from metakd.batches import Batch
     from metakd.trainer import Trainer
 
-__all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "CompiledSteps", "compile_plan"]
+__all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "CompiledSteps", "chosen", "compile_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,13 @@ def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
     return None
 
 
-def compile_plan(trainer: Trainer, method: HypergradMethod | None = None) -> tuple[bool, str]:
+def compile_plan(trainer: Trainer, method: HypergradMethod | None) -> tuple[bool, str]:
     """(compile?, reason) for ``train.compile`` of ``trainer``'s config and its hypergradient
-    ``method`` (default the trainer's; None for a run without meta steps); raises ConfigError for
-    ``on`` with a setting that cannot be compiled."""
+    ``method`` (None for a run without meta steps); raises ConfigError for ``on`` with a setting
+    that cannot be compiled."""
     mode = trainer.cfg.train.compile
     if mode == "off":
         return False, "train.compile=off"
-    if method is None and hasattr(trainer, "schedule"):
-        method = trainer.schedule.method
     frozen = method is None  # fixed / random / baseline: the real step alone
     if not frozen and type(method) not in (LookAhead, CompiledLookAhead):  # online, implicit, ...
         return False, f"{type(method).__name__} steps are not compiled (only reverse look-aheads)"
@@ -118,14 +116,24 @@ def compile_plan(trainer: Trainer, method: HypergradMethod | None = None) -> tup
     return True, f"{trainer.total_steps:,} steps of a small model (work per step {work:,} elements)"
 
 
+def chosen(trainer: Trainer, method: HypergradMethod | None) -> bool:
+    """:func:`compile_plan`'s answer, logged (``compiled step: yes|no (why)``) unless compile=off."""
+    use, why = compile_plan(trainer, method)
+    if trainer.cfg.train.compile != "off":
+        log.info("compiled step: %s (%s)", "yes" if use else "no", why)
+    return use
+
+
 class CompiledSteps:
     """The compiled functions of one trainer (module docstring): ``real_step`` for every schedule
     (the plain runs of ``fixed``/``random``/``baseline`` too, so a search's trials and the cost
-    ledger's reference run the same kind of step as the runs they are compared with) and, with
-    ``eta``, the η-step reverse hypergradient. ``eager`` turns True after a failed compilation."""
+    ledger's reference run the same kind of step as the runs they are compared with) and the
+    reverse hypergradient through the batches it is given. ``eager`` turns True after a failed
+    compilation; with ``train.compile=on`` a failure raises instead."""
 
-    def __init__(self, trainer: Trainer, *, eta: int | None = None, required: bool = False) -> None:
-        self.trainer, self.eta, self.required = trainer, eta, required
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.required = trainer.cfg.train.compile == "on"
         self.names = [k for k, _ in trainer.model.named_parameters()]
         self.hyper: Callable[..., Any] | None = None
         self.real: Callable[..., Any] | None = None
@@ -138,14 +146,14 @@ class CompiledSteps:
     # ------------------------------------------------------------------ the pure functions
     def _build(self) -> None:
         """The compiled functions for the optimizer's current hyperparameters."""
-        tr, names, eta = self.trainer, self.names, self.eta or 1
+        tr, names = self.trainer, self.names
         inner, _ = tr.inner_optimizer()
         update = inner.update_tuple
 
         def unroll_val(raw: dict[str, Tensor], w: tuple[Tensor, ...], state: Any,
                        batches: Sequence[Batch], vb: tuple[Tensor, Tensor]) -> Tensor:  # fmt: skip
             state = _float64_step(state)
-            for batch in batches[:eta]:
+            for batch in batches:  # η of them (another η: another graph)
 
                 def ltrain(p: tuple[Tensor, ...], batch: Batch = batch) -> Tensor:
                     return tr.train_loss(dict(zip(names, p)), raw, batch)
@@ -173,7 +181,7 @@ class CompiledSteps:
                     dst.copy_(torch.where(ok, src, dst))
             return loss
 
-        self.hyper = torch.compile(hyper, dynamic=False) if self.eta else None
+        self.hyper = torch.compile(hyper, dynamic=False)  # (compiles at its first call, if any)
         self.real = torch.compile(real, dynamic=False)
 
     def ready(self) -> bool:
@@ -182,7 +190,7 @@ class CompiledSteps:
             return False
         group = self.trainer.optimizer.param_groups[0]
         names = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")
-        key = (*(group.get(k) for k in names), self.eta)
+        key = tuple(group.get(k) for k in names)
         if key != self._key:
             self._build()
             self._key = key
@@ -271,16 +279,16 @@ class CompiledSteps:
         return None if loss is None else float(loss)
 
     def hypergradient(self, steps: Sequence[int], vb: tuple[Tensor, Tensor]) -> Grads | None:
-        """The η-step reverse hypergradient over the train batches of ``steps`` (None: eager)."""
+        """The reverse hypergradient through the train batches of ``steps`` (None: eager)."""
         tr = self.trainer
         st = self.opt_state()
-        if self.eta is None or len(steps) != self.eta or st is None or not self.ready():
+        if st is None or not self.ready():
             return None
         assert tr.meta is not None and self.hyper is not None
         raw = {n: tr.meta.raw[n].detach() for n in tr.meta.names}
         w = tuple(p.detach() for p in tr.model.parameters())
         batches = [tr.batch(s) for s in steps]
-        out = self._call("hypergradient", self.hyper, (raw, w, _detached(st[0]), batches, vb))
+        out = self._call("hypergradient", self.hyper, (raw, w, st[0], batches, vb))
         if out is None:
             return None
         g, finite = out
@@ -291,9 +299,9 @@ class CompiledLookAhead(LookAhead):
     """:class:`LookAhead` (reverse) whose hypergradient and real step run compiled
     (:class:`CompiledSteps`; the module docstring)."""
 
-    def __init__(self, trainer: Trainer, *, required: bool = False) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
-        self.compiled = CompiledSteps(trainer, eta=self.eta, required=required)
+        self.compiled = CompiledSteps(trainer)
 
     def hypergradient(
         self,
@@ -303,7 +311,6 @@ class CompiledLookAhead(LookAhead):
         val_batch: tuple[Tensor, Tensor] | None = None,
     ) -> Grads:
         """As :meth:`LookAhead.hypergradient`, compiled (η = ``meta.unroll`` batches)."""
-        self.compiled.eta = self.eta
         steps = list(range(step, step + self.eta) if train_steps is None else train_steps)
         vb = self.trainer.val_batch(step) if val_batch is None else val_batch
         out = self.compiled.hypergradient(steps, vb)
@@ -327,10 +334,3 @@ def _state_tensors(state: Any) -> list[Tensor]:
     if isinstance(state, optim.AdamState):
         return [*state.exp_avg, *state.exp_avg_sq]
     return list(state.momentum)
-
-
-def _detached(state: Any) -> Any:
-    if isinstance(state, optim.AdamState):
-        return optim.AdamState(state.step, tuple(t.detach() for t in state.exp_avg),
-                               tuple(t.detach() for t in state.exp_avg_sq))  # fmt: skip
-    return optim.SgdState(state.step, tuple(t.detach() for t in state.momentum))
