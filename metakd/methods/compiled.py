@@ -201,8 +201,8 @@ class CompiledSteps:
 
         The first call compiles (logged). A call whose inputs match an earlier call's in what can
         change during a run — batch shapes and dtypes, train/eval mode, torch's threads, grad mode,
-        default dtype and deterministic setting (dynamo's global-state guards) — skips dynamo's ~470
-        guards (``skip_guard_eval_unsafe``: ~0.1 ms a call, a seventh of a compiled step); any other
+        default dtype and deterministic setting (dynamo's global-state guards) — skips dynamo's guard
+        evaluation (``skip_guard_eval_unsafe``: a per-call cost a tiny model's step notices); any other
         call evaluates them all and may compile another graph (e.g. a smaller last batch).
         """
         flat = torch.utils._pytree.tree_leaves(args[3:])
