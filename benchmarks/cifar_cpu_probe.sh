@@ -43,7 +43,7 @@ wait
 metakd report "$OUT"/reference "$OUT"/hg-* --out "$OUT/report" > /dev/null
 python - "$OUT" <<'PY'
 import sys
-from metakd.report import load_runs
+from metakd.reporting.report import load_runs
 
 def lam(row):
     m = row.get("meta") or {}

@@ -5,7 +5,7 @@ how fast λ walks and when the accuracy gaps open).
 
 Per run (one line each, grouped by DIR and method): test accuracy at epochs 1, 5, 10, 20, ..., 100, then λ —
 β1, β2, the hard-label share β1 / (β1 + β2) and T — at the last logged meta step at or before steps 1,000,
-2,000, 3,000, 5,000 and the end. Runs are read with metakd.report.load_runs.
+2,000, 3,000, 5,000 and the end. Runs are read with metakd.reporting.report.load_runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from metakd.report import Run, load_runs
+from metakd.reporting.report import Run, load_runs
 
 EPOCHS = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 STEPS = (1001, 2001, 3001, 5001)

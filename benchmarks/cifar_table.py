@@ -4,7 +4,7 @@
 
 One row per (directory, method): final and best test accuracy (mean ± sample std over seeds, and the
 per-seed values), final λ (mean), hypergradient steps and wall seconds per epoch (mean). Runs are read
-with metakd.report.load_runs; each DIR is an experiment directory (or a run directory).
+with metakd.reporting.report.load_runs; each DIR is an experiment directory (or a run directory).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from metakd.report import Run, load_runs
+from metakd.reporting.report import Run, load_runs
 
 
 def mean_std(xs: list[float]) -> str:

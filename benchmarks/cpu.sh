@@ -8,6 +8,6 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS="ignore::FutureWarning"
 lscpu | grep -E "Model name|^CPU\(s\)" || true
 cd "$ROOT"
-python -m metakd.bench --device cpu --threads 1 --out "$OUT" --plot "$ROOT/docs/img/bench_cpu.png" --e2e
+python -m metakd.bench.engines --device cpu --threads 1 --out "$OUT" --plot "$ROOT/docs/img/bench_cpu.png" --e2e
 # the Trainer's step against the minimal eager loop, and online vs plain (docs/benchmarks.md "End to end")
-python -m metakd.bench_e2e --threads 1 --out "$OUT"
+python -m metakd.bench.e2e --threads 1 --out "$OUT"

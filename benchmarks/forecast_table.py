@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from metakd.report import Run, load_runs
+from metakd.reporting.report import Run, load_runs
 
 
 def _mean_sd(xs: list[float]) -> str:

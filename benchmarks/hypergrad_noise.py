@@ -5,7 +5,7 @@
 
 For the run's state after each listed epoch (0: the initial state — the seed's student and λ; otherwise the
 run's checkpoint of that epoch) it computes the η-step hypergradient dL_val / d raw λ (eq. 11) with
-``Trainer.hypergradient`` on ``metakd.run.load_trainer`` — the same computation as the run's meta steps, no meta update — under three
+``Trainer.hypergradient`` on ``metakd.runs.run.load_trainer`` — the same computation as the run's meta steps, no meta update — under three
 kinds of resampling, ``--samples`` times each:
 
 * val: one train window (the next η real batches), a fresh random validation batch of each size;
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metakd.batches import derive_seed
-from metakd.run import load_trainer
-from metakd.rundir import RunDir
-from metakd.trainer import Trainer
+from metakd.data.batches import derive_seed
+from metakd.runs.run import load_trainer
+from metakd.runs.rundir import RunDir
+from metakd.training.trainer import Trainer
 
 
 def _grad(trainer: Trainer, steps: range, val: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:

@@ -18,8 +18,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from metakd import bench
-from metakd.nn import double_backward_batchnorm
+from metakd.bench import engines as bench
+from metakd.functional.nn import double_backward_batchnorm
 
 _DOUBLE_BACKWARD_NODES = ("NativeBatchNormBackwardBackward0", "_BatchNormTrainBackwardBackward")
 

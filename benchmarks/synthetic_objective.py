@@ -3,7 +3,7 @@
 
     python benchmarks/synthetic_objective.py EXPERIMENT_DIR [EXPERIMENT_DIR ...]
 
-Reads every finished run under the given `metakd experiment` directories (``metakd.report.load_runs``;
+Reads every finished run under the given `metakd experiment` directories (``metakd.reporting.report.load_runs``;
 the final λ is that of the last metrics row) and prints, per run, the final λ, test accuracy and test
 cross-entropy (the objective the metaparameters are tuned on when ``data.val_is_test: true``); per
 method the mean ± sample std of both; and the rank correlation between test cross-entropy and test
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from metakd.report import load_runs
+from metakd.reporting.report import load_runs
 
 
 def _runs(dirs: list[Path]) -> list[dict]:
-    """Completed runs under ``dirs`` (metakd.report's reader) as method, seed, accuracy, CE, final λ."""
+    """Completed runs under ``dirs`` (metakd.reporting.report's reader) as method, seed, accuracy, CE, final λ."""
     out = []
     for run in load_runs(dirs):
         if run.summary.get("status") != "completed":

@@ -18,7 +18,7 @@ import torch
 
 from metakd.config import load_config
 from metakd.data import load_data
-from metakd.report import Run, load_runs
+from metakd.reporting.report import Run, load_runs
 
 
 def ceiling(config_yaml: Path) -> float:

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from metakd import __version__
 from metakd.config import SEED_MAX, ConfigError, load_config
-from metakd.rundir import RunDirLockedError, read_config_file
+from metakd.runs.rundir import RunDirLockedError, read_config_file
 
 if TYPE_CHECKING:
     from metakd.config import Config
@@ -413,8 +413,8 @@ def train(
     complete run directory. At the end it prints where the run is, the test accuracy, the \
     final λ, the number of hypergradient steps and the wall time.
     """
-    from metakd.progress import ProgressCallback
-    from metakd.tracking import WandbCallback
+    from metakd.reporting.progress import ProgressCallback
+    from metakd.reporting.tracking import WandbCallback
 
     console = _setup_logging(quiet)
     run_dir: list[Path] = []  # filled as soon as it is known, for the error messages
@@ -424,7 +424,7 @@ def train(
         if cfg.out is not None:
             run_dir.append(Path(cfg.out))
 
-        from metakd.run import train_run
+        from metakd.runs.run import train_run
 
         if threads is not None:
             from metakd.threads import set_threads
@@ -452,7 +452,7 @@ def _print_train_summary(
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run_dir), **summary}, default=str))
         return
-    from metakd.progress import format_meta
+    from metakd.reporting.progress import format_meta
 
     def acc(key: str) -> str:
         value = summary.get(key)
@@ -542,12 +542,12 @@ def teacher(
                 f"teacher checkpoint {out} already exists; pass --force to overwrite it"
             )
 
-        from metakd.run import resolve_device
+        from metakd.runs.run import resolve_device
 
         dev = resolve_device(cfg.device)
         from metakd.data import load_data
-        from metakd.progress import TeacherProgress
-        from metakd.teacher import save_teacher, train_teacher
+        from metakd.data.teacher import save_teacher, train_teacher
+        from metakd.reporting.progress import TeacherProgress
 
         splits = load_data(cfg.data, cfg.seed, dev)
         with TeacherProgress(cfg.teacher.epochs, quiet=quiet, console=console) as bar:
@@ -563,7 +563,7 @@ def teacher(
 
 
 def _method_names() -> list[str]:
-    from metakd.experiment import METHODS
+    from metakd.runs.experiment import METHODS
 
     return list(METHODS)
 
@@ -614,7 +614,7 @@ class WandbRunCallbacks:
         self.quiet = quiet
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
-        from metakd.tracking import WandbCallback
+        from metakd.reporting.tracking import WandbCallback
 
         return [WandbCallback(quiet=self.quiet)]
 
@@ -653,7 +653,7 @@ def experiment(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run a grid of methods × seeds and tabulate the results."""
-    from metakd.progress import ExperimentProgress
+    from metakd.reporting.progress import ExperimentProgress
 
     console = _setup_logging(quiet)
     exp_dir: list[Path] = []  # for the error messages: it is kept, the same command continues it
@@ -664,7 +664,7 @@ def experiment(
         out_dir = out or Path("runs") / f"{cfg.name}-experiment-{_timestamp()}"
         exp_dir.append(out_dir)
 
-        from metakd.experiment import run_experiment
+        from metakd.runs.experiment import run_experiment
 
         if workers == 1:
             total = len(method_list) * len(seed_list)
@@ -744,12 +744,12 @@ def report(
             raise FileNotFoundError(f"not a run or experiment directory: {', '.join(missing)}")
         out_dir = out or dirs[0] / "report"
 
-        from metakd.report import build_report
+        from metakd.reporting.report import build_report
 
         path = build_report(list(dirs), out_dir, logx=logx)
     out_console.print(f"[bold]Report:[/bold] {path}", soft_wrap=True)
     if wandb is not WandbMode.disabled:
-        from metakd.tracking import log_report, sync_command
+        from metakd.reporting.tracking import log_report, sync_command
 
         figures = {
             p.relative_to(out_dir).with_suffix("").as_posix(): p
@@ -817,8 +817,8 @@ def bench(
         typer.Option(
             "--scaling",
             help="Instead: cost against the number of metaparameters H = 1..100, every method "
-            "(metakd.bench_scaling; --repeats/--threads/--device/--out apply, "
-            "python -m metakd.bench_scaling for its other options).",
+            "(metakd.bench.scaling; --repeats/--threads/--device/--out apply, "
+            "python -m metakd.bench.scaling for its other options).",
         ),
     ] = False,
     step: Annotated[
@@ -826,7 +826,7 @@ def bench(
         typer.Option(
             "--step",
             help="Instead: the Trainer's step against a minimal eager loop of the same math, "
-            "synthetic default and CIFAR student, and online vs plain (metakd.bench_e2e, CPU).",
+            "synthetic default and CIFAR student, and online vs plain (metakd.bench.e2e, CPU).",
         ),
     ] = False,
     quiet: QuietOpt = False,
@@ -835,7 +835,7 @@ def bench(
     _setup_logging(quiet)
     with _user_errors():
         if step:
-            from metakd.bench_e2e import run_step_bench
+            from metakd.bench.e2e import run_step_bench
             from metakd.threads import set_threads
 
             set_threads(threads or 1)
@@ -844,7 +844,7 @@ def bench(
                 err_console.print(f"Results written to {out}", soft_wrap=True)
             return
         if scaling:
-            from metakd.bench_scaling import run_scaling_bench
+            from metakd.bench.scaling import run_scaling_bench
 
             run_scaling_bench(repeats=repeats, device=device.value, threads=threads or 1, out=out)
             if out is not None:
@@ -858,7 +858,7 @@ def bench(
             ) from None
         if not eta_list or min(eta_list) < 1:
             raise ConfigError(f"--etas needs integers >= 1, got {etas!r}")
-        from metakd.bench import run_bench, run_epoch_bench
+        from metakd.bench.engines import run_bench, run_epoch_bench
 
         engine_list = [e.strip() for e in engines.split(",") if e.strip()] if engines else None
         run_bench(
@@ -915,8 +915,8 @@ def check_grad(
         if path is None:
             args = [*CHECK_GRAD_DEFAULTS, *overrides]
         cfg = load_cli_config(args, seed=seed, device=device)
-        from metakd.progress import ProgressCallback
-        from metakd.run import check_grad as _check
+        from metakd.reporting.progress import ProgressCallback
+        from metakd.runs.run import check_grad as _check
 
         result = _check(cfg, eps=eps, callbacks=[ProgressCallback(quiet=quiet, console=console)])
     train = cfg.train
@@ -1013,7 +1013,7 @@ def _max_abs(value: Any) -> float:
 def forecasters() -> None:
     """List the registered trajectory forecasters (built-in and entry-point ones)."""
     with _user_errors():
-        from metakd.forecast import available
+        from metakd.training.forecast import available
 
         names = available()
     if sys.stdout.isatty():

@@ -140,7 +140,7 @@ def search(
     --finder-epochs, then a fixed-λ retrain at the λ it found, per seed. Every result has its \
     cost in plain (fixed-λ) runs.
     """
-    from metakd.progress import ExperimentProgress
+    from metakd.reporting.progress import ExperimentProgress
 
     console = _setup_logging(quiet)
     with _user_errors():
@@ -150,7 +150,7 @@ def search(
                  if retrain_seeds else [])  # fmt: skip
         wb = WandbRunCallbacks(quiet)
         if sampler is Sampler.hypergrad:
-            from metakd.pipeline import run_pipeline
+            from metakd.runs.pipeline import run_pipeline
 
             if grid:
                 raise ValueError("--grid is for --sampler grid; hypergrad tunes λ itself")
@@ -163,7 +163,7 @@ def search(
                     import_results=import_results,
                 )  # fmt: skip
         else:
-            from metakd.search import run_search
+            from metakd.runs.search import run_search
 
             if finder_epochs is not None:
                 raise ValueError("--finder-epochs is for --sampler hypergrad")

@@ -160,7 +160,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=1000, ge=1, description="checkpoint every N epochs")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="torch.compile the reverse look-ahead step (metakd.methods.compiled); "
+        description="torch.compile the reverse look-ahead step (metakd.training.methods.compiled); "
         "auto: long CPU runs of small models",
     )
     hinton_scaling: bool = Field(default=False, description="multiply the distillation term by T²")
@@ -177,7 +177,7 @@ class TrainConfig(_Strict):
 
 
 class ImplicitConfig(_Strict):
-    """meta.hypergrad.method=implicit: the IFT solve (metakd.implicit.ImplicitSolver)."""
+    """meta.hypergrad.method=implicit: the IFT solve (metakd.hypergrad.implicit.ImplicitSolver)."""
 
     solver: Literal["cg", "neumann"] = Field(
         default="cg",
@@ -203,7 +203,7 @@ class HypergradConfig(_Strict):
         "history; under meta.method=forecast only the current optimize block's; meta.unroll unused); "
         "implicit: the implicit-function-theorem hypergradient at the current weights, L_train over "
         "the next meta.unroll batches (meta.hypergrad.implicit); "
-        "any key of metakd.methods.available() or a 'package.module:ClassName' path",
+        "any key of metakd.training.methods.available() or a 'package.module:ClassName' path",
     )
     backend: Literal["func", "torchopt", "higher"] = "func"
     online_decay: float = Field(
@@ -227,7 +227,9 @@ class HypergradConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from metakd.methods import registry  # imported here: metakd.methods imports this module
+        from metakd.training.methods import (
+            registry,
+        )  # imported here: metakd.training.methods imports this module
 
         return registry.check_name(v)
 
@@ -346,7 +348,7 @@ class Config(_Strict):
     objective: str = Field(
         default="distillation",
         description="the training loss L_train(w, λ): distillation (eq. 4) | cross_entropy | dkd, "
-        "or a 'package.module:ClassName' path (metakd.objectives); meta.params defaults to its "
+        "or a 'package.module:ClassName' path (metakd.training.objectives); meta.params defaults to its "
         "metaparameters",
     )
     objective_kwargs: dict[str, Any] = Field(
@@ -359,9 +361,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _objective_params(self) -> Config:
-        # meta.params not given: the objective's metaparameters (metakd.objectives)
+        # meta.params not given: the objective's metaparameters (metakd.training.objectives)
         if "params" not in self.meta.model_fields_set:
-            from metakd import objectives  # imported here: metakd.objectives imports this module
+            from metakd.training import (
+                objectives,
+            )  # imported here: metakd.training.objectives imports this module
 
             specs = objectives.build(self).specs()
             if specs != self.meta.params:
@@ -511,7 +515,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 _OBJECTIVE_KEYS = ("objective", "objective_kwargs")
-#: metaparameter names bound to the student optimizer's hyperparameters (metakd.optimizer_binding)
+#: metaparameter names bound to the student optimizer's hyperparameters (metakd.training.optimizer_binding)
 OPTIMIZER_METAPARAMS = ("lr", "weight_decay")
 
 

@@ -51,10 +51,40 @@ __all__ = [
     "load_forecaster",
     "load_model",
     "load_object",
+    "moved",
     "registrar",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Where metakd's modules moved when the flat package became floors (2026-12): a config or a
+#: checkpoint written before the move may name ``metakd.objectives:Distillation``; it still loads.
+MOVED_MODULES: dict[str, str] = {
+    f"metakd.{old}": f"metakd.{new}"
+    for old, new in {
+        "losses": "functional.losses", "optim": "functional.optim", "nn": "functional.nn",
+        "metaparams": "functional.metaparams", "implicit": "hypergrad.implicit",
+        "batches": "data.batches", "models": "data.models", "teacher": "data.teacher",
+        "trainer": "training.trainer", "callbacks": "training.callbacks", "rows": "training.rows",
+        "meta_setup": "training.meta_setup", "optimizer_binding": "training.optimizer_binding",
+        "objectives": "training.objectives", "schedule": "training.schedule",
+        "forecast": "training.forecast", "methods": "training.methods",
+        "rundir": "runs.rundir", "run": "runs.run", "experiment": "runs.experiment",
+        "search": "runs.search", "search_resume": "runs.search_resume", "pipeline": "runs.pipeline",
+        "ledger": "runs.ledger", "report": "reporting.report", "tracking": "reporting.tracking",
+        "progress": "reporting.progress", "bench": "bench.engines", "bench_e2e": "bench.e2e",
+        "bench_scaling": "bench.scaling",
+    }.items()
+}  # fmt: skip
+
+
+def moved(module: str) -> str:
+    """``module`` under its current name (``metakd.methods.online`` -> ``metakd.training.methods.online``)."""
+    for old, new in MOVED_MODULES.items():
+        # metakd.bench is a package again (metakd.bench.e2e): only its bare name moved
+        if module == old or (module.startswith(old + ".") and old != "metakd.bench"):
+            return new + module[len(old) :]
+    return module
 
 _R = TypeVar("_R")
 
@@ -134,7 +164,7 @@ def is_module_class(cls: type) -> bool:
 
 
 def is_forecaster_class(cls: type) -> bool:
-    """``cls`` has callable ``fit`` and ``predict`` (the :class:`metakd.forecast.Forecaster` API)."""
+    """``cls`` has callable ``fit`` and ``predict`` (the :class:`metakd.training.forecast.Forecaster` API)."""
     return all(callable(getattr(cls, name, None)) for name in ("fit", "predict"))
 
 
@@ -212,7 +242,7 @@ def load_object(
     import, a missing attribute or a rejected object.
     """
     module_name, attr = _split(path, kind)
-    obj: Any = _import_module(module_name, path, kind)
+    obj: Any = _import_module(moved(module_name), path, kind)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(

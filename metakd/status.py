@@ -1,6 +1,6 @@
 """Status lines for long loops inside the library (image decoding, a long teacher epoch, check-grad).
 
-The library owns no display: bars belong to the caller (:mod:`metakd.progress`, the CLI). A loop
+The library owns no display: bars belong to the caller (:mod:`metakd.reporting.progress`, the CLI). A loop
 that can run for minutes without reaching one of the caller's hooks logs a line instead, at most
 every ``every`` seconds, through :mod:`logging` — the CLI shows ``metakd.*`` records on stderr
 through rich (hidden by ``--quiet``) and a run directory's run.log keeps them. A loop that finishes

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from metakd import bench
+from metakd.bench import engines as bench
 from metakd.config import ConfigError
 
 

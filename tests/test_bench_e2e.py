@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metakd import bench_e2e
+from metakd.bench import e2e as bench_e2e
 
 
 @pytest.mark.parametrize("case", ["synthetic", "cifar"])

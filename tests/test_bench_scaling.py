@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from metakd import bench_scaling as bs
+from metakd.bench import scaling as bs
 from metakd.config import ConfigError
 from metakd_cli.main import app
 
@@ -76,9 +76,9 @@ def test_cli_flag_runs_the_scaling_bench(monkeypatch, tmp_path):
         seen.update(kw)
         return {}
 
-    fake = types.ModuleType("metakd.bench_scaling")
+    fake = types.ModuleType("metakd.bench.scaling")
     fake.run_scaling_bench = run_scaling_bench
-    monkeypatch.setitem(sys.modules, "metakd.bench_scaling", fake)
+    monkeypatch.setitem(sys.modules, "metakd.bench.scaling", fake)
     result = CliRunner().invoke(
         app, ["bench", "--scaling", "--device", "cpu", "--repeats", "2", "--out", str(tmp_path)]
     )

@@ -46,8 +46,8 @@ def _summary(cfg, run_dir) -> dict:
 
 @pytest.fixture
 def fake_train(monkeypatch, tmp_path):
-    """Replace metakd.run.train_run by a fake that drives the callbacks like the trainer."""
-    import metakd.run
+    """Replace metakd.runs.run.train_run by a fake that drives the callbacks like the trainer."""
+    import metakd.runs.run
 
     calls: list[dict] = []
 
@@ -66,7 +66,7 @@ def fake_train(monkeypatch, tmp_path):
             cb.on_run_end(summary)
         return summary
 
-    monkeypatch.setattr(metakd.run, "train_run", train_run)
+    monkeypatch.setattr(metakd.runs.run, "train_run", train_run)
     return calls
 
 
@@ -83,7 +83,7 @@ def test_version_and_help():
 
 
 def test_forecasters_lists_the_registry():
-    from metakd.forecast import available
+    from metakd.training.forecast import available
 
     result = invoke("forecasters")
     assert result.exit_code == 0
@@ -261,7 +261,7 @@ def test_resume_errors(fake_train, tmp_path):
     ],
 )
 def test_user_errors_from_training_keep_the_run_dir(monkeypatch, tmp_path, exc, message):
-    import metakd.run
+    import metakd.runs.run
 
     out = tmp_path / "run"
 
@@ -272,7 +272,7 @@ def test_user_errors_from_training_keep_the_run_dir(monkeypatch, tmp_path, exc, 
             cb.on_run_start(cfg, Path(run_dir), {"total_steps": 5})
         raise exc
 
-    monkeypatch.setattr(metakd.run, "train_run", train_run)
+    monkeypatch.setattr(metakd.runs.run, "train_run", train_run)
     result = invoke("train", "--out", out, "--wandb", "disabled", "-q")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
@@ -283,12 +283,12 @@ def test_user_errors_from_training_keep_the_run_dir(monkeypatch, tmp_path, exc, 
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
-    import metakd.run
+    import metakd.runs.run
 
     def train_run(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(metakd.run, "train_run", train_run)
+    monkeypatch.setattr(metakd.runs.run, "train_run", train_run)
     result = invoke("train", "--out", tmp_path / "r", "--wandb", "disabled", "-q")
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
@@ -297,7 +297,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
 
 
 def test_experiment_passes_the_grid(monkeypatch, tmp_path):
-    import metakd.experiment
+    import metakd.runs.experiment
 
     seen = {}
 
@@ -312,7 +312,7 @@ def test_experiment_passes_the_grid(monkeypatch, tmp_path):
         )
         return []
 
-    monkeypatch.setattr(metakd.experiment, "run_experiment", run_experiment)
+    monkeypatch.setattr(metakd.runs.experiment, "run_experiment", run_experiment)
     out = tmp_path / "exp"
     result = invoke("experiment", ROOT / "configs" / "synthetic.yaml", "train.epochs=5",
                     "--seeds", "3", "--seed", "10", "--methods", "baseline,hypergrad",
@@ -321,8 +321,8 @@ def test_experiment_passes_the_grid(monkeypatch, tmp_path):
     assert seen["threads"] == 3
     assert seen["methods"] == ["baseline", "hypergrad"] and seen["seeds"] == [10, 11, 12]
     assert seen["out_dir"] == out and seen["cfg"].train.epochs == 5
-    from metakd.progress import ProgressCallback
-    from metakd.tracking import WandbCallback
+    from metakd.reporting.progress import ProgressCallback
+    from metakd.reporting.tracking import WandbCallback
 
     assert {type(c) for c in seen["callbacks"]} == {ProgressCallback, WandbCallback}
     assert "| hypergrad | 0.8 |" in result.stdout
@@ -334,14 +334,14 @@ def test_experiment_passes_the_grid(monkeypatch, tmp_path):
 
 
 def test_report_command(monkeypatch, tmp_path):
-    import metakd.report
+    import metakd.reporting.report
 
     def build_report(paths, out_dir, *, logx=False):
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "report.md").write_text(f"logx={logx} runs={len(paths)}")
         return Path(out_dir) / "report.md"
 
-    monkeypatch.setattr(metakd.report, "build_report", build_report)
+    monkeypatch.setattr(metakd.reporting.report, "build_report", build_report)
     runs = tmp_path / "runs"
     runs.mkdir()
     result = invoke("report", runs, "--out", tmp_path / "rep", "--logx")
@@ -364,10 +364,10 @@ def test_bench_command(monkeypatch, tmp_path):
         seen.update(e2e=(model, device, threads, out))
         return {}
 
-    fake = types.ModuleType("metakd.bench")
+    fake = types.ModuleType("metakd.bench.engines")
     fake.run_bench = run_bench
     fake.run_epoch_bench = run_epoch_bench
-    monkeypatch.setitem(sys.modules, "metakd.bench", fake)
+    monkeypatch.setitem(sys.modules, "metakd.bench.engines", fake)
     result = invoke("bench", "--model", "mlp", "--batch-size", "32", "--device", "cpu",
                     "--etas", "1,4", "--repeats", "2", "--out", tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -379,9 +379,9 @@ def test_bench_command(monkeypatch, tmp_path):
     assert seen["e2e"] == ("cifar_very_tiny", "auto", 1, None)
     result = invoke("bench", "--etas", "1,x")
     assert result.exit_code == 2 and "--etas" in result.stderr
-    step = types.ModuleType("metakd.bench_e2e")
+    step = types.ModuleType("metakd.bench.e2e")
     step.run_step_bench = lambda *, out=None, quiet=False: seen.update(step=(out, quiet))
-    monkeypatch.setitem(sys.modules, "metakd.bench_e2e", step)
+    monkeypatch.setitem(sys.modules, "metakd.bench.e2e", step)
     monkeypatch.setitem(metakd.threads._state, "user", None)
     old_threads = torch.get_num_threads()
     result = invoke("bench", "--step", "--out", tmp_path, "--threads", "1")
@@ -391,20 +391,20 @@ def test_bench_command(monkeypatch, tmp_path):
 
 
 def test_check_grad_table_and_exit_code(monkeypatch):
-    import metakd.run
+    import metakd.runs.run
 
     result_ok = {
         "beta1": {"hypergrad": 0.1, "finite_difference": 0.1001, "rel_error": 1e-3},
         "temperature": {"hypergrad": [1.0, 2.0], "finite_difference": [1.0, 2.0],
                         "rel_error": [0.0, 2e-3]},
     }  # fmt: skip
-    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: result_ok)
+    monkeypatch.setattr(metakd.runs.run, "check_grad", lambda cfg, eps=1e-3, **kw: result_ok)
     result = invoke("check-grad", "--eps", "1e-4")
     assert result.exit_code == 0, result.output
     assert "beta1" in result.stdout and "max relative error 0.002" in result.stdout
     assert "OK" in result.stdout
     bad = {"beta1": {"hypergrad": 0.1, "finite_difference": 0.2, "rel_error": 0.5}}
-    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: bad)
+    monkeypatch.setattr(metakd.runs.run, "check_grad", lambda cfg, eps=1e-3, **kw: bad)
     result = invoke("check-grad")
     assert result.exit_code == 3 and "MISMATCH" in result.stdout
     tiny = {
@@ -413,7 +413,7 @@ def test_check_grad_table_and_exit_code(monkeypatch):
         "beta2": {"hypergrad": 2e-13, "finite_difference": 2.7e-13, "rel_error": 0.26,
                   "resolution": 2e-12, "resolved": False, "val_loss": 0.67},
     }  # fmt: skip
-    monkeypatch.setattr(metakd.run, "check_grad", lambda cfg, eps=1e-3, **kw: tiny)
+    monkeypatch.setattr(metakd.runs.run, "check_grad", lambda cfg, eps=1e-3, **kw: tiny)
     result = invoke("check-grad")
     assert result.exit_code == 3
     assert "UNRESOLVED: beta2:" in result.stdout and "OK" not in result.stdout
@@ -441,10 +441,10 @@ def test_check_grad_default_is_well_above_float_noise(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- real runs
 
-HAS_RUN = importlib.util.find_spec("metakd.run") is not None
+HAS_RUN = importlib.util.find_spec("metakd.runs.run") is not None
 
 
-@pytest.mark.skipif(not HAS_RUN, reason="metakd.run is not available")
+@pytest.mark.skipif(not HAS_RUN, reason="metakd.runs.run is not available")
 def test_tiny_real_train(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
@@ -478,7 +478,7 @@ def test_tiny_real_train(tmp_path, monkeypatch):
     )  # fmt: skip
 
 
-@pytest.mark.skipif(not HAS_RUN, reason="metakd.run is not available")
+@pytest.mark.skipif(not HAS_RUN, reason="metakd.runs.run is not available")
 def test_tiny_real_teacher(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "t" / "teacher.pt"

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import metakd
-from metakd import optim
+from metakd.functional import optim
 from metakd_cli import main as cli
 
 COMMANDS = [
@@ -60,7 +60,7 @@ def test_log_lines_are_not_wrapped_without_a_terminal(capsys):
     cli._setup_logging(False)
     try:
         message = "teacher logits: cached " + "/very/long/path" * 12 + " for the in-process teacher"
-        logging.getLogger("metakd.teacher").info(message)
+        logging.getLogger("metakd.data.teacher").info(message)
         err = capsys.readouterr().err
     finally:
         logging.getLogger("metakd").removeHandler(cli._log_handler)

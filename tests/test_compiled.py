@@ -1,4 +1,4 @@
-"""The compiled reverse look-ahead (metakd.methods.compiled): the same training as the eager engine
+"""The compiled reverse look-ahead (metakd.training.methods.compiled): the same training as the eager engine
 (λ, weights, the torch optimizer's state), hypergradients equal to the eager reverse engine and to
 the forward engine, exact resume, the train.compile plan, and a fallback when compilation fails.
 
@@ -12,11 +12,12 @@ import logging
 import pytest
 import torch
 
-from metakd import bench_e2e, hypergrad
+from metakd import hypergrad
+from metakd.bench import e2e as bench_e2e
 from metakd.config import ConfigError, load_config
-from metakd.methods import CompiledLookAhead, LookAhead, compiled
-from metakd.models import build_model
-from metakd.trainer import Trainer
+from metakd.data.models import build_model
+from metakd.training.methods import CompiledLookAhead, LookAhead, compiled
+from metakd.training.trainer import Trainer
 
 
 def _trainer(mode: str, **train):
@@ -168,7 +169,7 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken)
     comp, eager = _trainer("auto"), _trainer("off")
-    with caplog.at_level(logging.WARNING, logger="metakd.methods.compiled"):
+    with caplog.at_level(logging.WARNING, logger="metakd.training.methods.compiled"):
         for s in range(5):
             comp._one_step(s)
             eager._one_step(s)
@@ -185,8 +186,8 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
 
 
 def test_a_compiled_run_is_priced_in_compiled_plain_runs(tmp_path):
-    from metakd import ledger
-    from metakd.run import train_run
+    from metakd.runs import ledger
+    from metakd.runs.run import train_run
 
     over = [f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=40", "wandb.mode=disabled"]
     cfg = load_config(None, [*over, "train.compile=on"])

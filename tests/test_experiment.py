@@ -1,4 +1,4 @@
-"""metakd.experiment.run_experiment: grid layout, per-run configs, skipping/resuming, the ``optimal``
+"""metakd.runs.experiment.run_experiment: grid layout, per-run configs, skipping/resuming, the ``optimal``
 retrain, results tables (mean and sample std, ddof=1, computed here with numpy), process workers.
 
 Most tests use a fake ``train_run`` that writes a run directory in the contract format of
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from metakd.config import Config, config_to_dict, load_config
-from metakd.experiment import run_dir_for, run_experiment
+from metakd.runs.experiment import run_dir_for, run_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_report import write_run  # synthetic run directories in the contract format
@@ -30,7 +30,7 @@ from test_report import write_run  # synthetic run directories in the contract f
 def fake_train_run(
     cfg: Config, run_dir: Path | None = None, *, resume: bool = False, callbacks: Any = ()
 ) -> dict[str, Any]:
-    """Stands in for metakd.run.train_run: a finished run dir for ``cfg`` (fixed λ = meta.values)."""
+    """Stands in for metakd.runs.run.train_run: a finished run dir for ``cfg`` (fixed λ = meta.values)."""
     import torch
 
     run_dir = Path(run_dir if run_dir is not None else cfg.out)  # type: ignore[arg-type]
@@ -50,7 +50,7 @@ def fake_train_run(
 
 @pytest.fixture
 def patched_train_run(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Patch metakd.run.train_run with the fake (a stand-in module while metakd.run is missing);
+    """Patch metakd.runs.run.train_run with the fake (a stand-in module while metakd.runs.run is missing);
     returns the list of run dirs it was called with."""
     calls: list[Path] = []
 
@@ -59,10 +59,10 @@ def patched_train_run(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         return fake_train_run(cfg, run_dir, **kwargs)
 
     try:
-        module = importlib.import_module("metakd.run")
+        module = importlib.import_module("metakd.runs.run")
     except ImportError:
-        module = types.ModuleType("metakd.run")
-        monkeypatch.setitem(sys.modules, "metakd.run", module)
+        module = types.ModuleType("metakd.runs.run")
+        monkeypatch.setitem(sys.modules, "metakd.runs.run", module)
     monkeypatch.setattr(module, "train_run", fake, raising=False)
     return calls
 
@@ -244,16 +244,16 @@ def test_a_user_error_in_a_worker_stays_a_user_error_and_keeps_finished_runs(
 
 def _real_train_run_available() -> bool:
     try:
-        return hasattr(importlib.import_module("metakd.run"), "train_run")
+        return hasattr(importlib.import_module("metakd.runs.run"), "train_run")
     except ImportError:
         return False
 
 
 @pytest.mark.skipif(
-    not _real_train_run_available(), reason="metakd.run.train_run is not implemented yet"
+    not _real_train_run_available(), reason="metakd.runs.run.train_run is not implemented yet"
 )
 def test_two_seed_experiment_with_the_real_trainer(tmp_path: Path) -> None:
-    from metakd.report import build_report
+    from metakd.reporting.report import build_report
 
     cfg = load_config(
         None,

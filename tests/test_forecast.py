@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from metakd import forecast
-from metakd.forecast import (
+from metakd.training import forecast
+from metakd.training.forecast import (
     EmaForecaster,
     Forecaster,
     LastForecaster,

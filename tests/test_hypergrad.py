@@ -1,7 +1,7 @@
 """Hypergradients against central finite differences of the bilevel objective.
 
 The reference F(λ) = L_val(w_η(λ)) is computed by an independent plain loop: a real ``nn.Module``
-trained by ``torch.optim`` (not metakd.optim) for η steps in float64; dF/dλ by central differences.
+trained by ``torch.optim`` (not metakd.functional.optim) for η steps in float64; dF/dλ by central differences.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import metakd
-from metakd import optim
-from metakd.losses import cross_entropy, distillation_loss
-from metakd.nn import FunctionalModel
+from metakd.functional import optim
+from metakd.functional.losses import cross_entropy, distillation_loss
+from metakd.functional.nn import FunctionalModel
 
 DT = torch.float64
 K = 3
@@ -95,7 +95,7 @@ OPTIMIZERS = {
 
 
 def _reference_objective(module, raw, batches, val_batch, make_torch_opt):
-    """F(λ): a plain loop with a real module and torch.optim, no metakd.optim involved."""
+    """F(λ): a plain loop with a real module and torch.optim, no metakd.functional.optim involved."""
     m = copy.deepcopy(module)
     m.train()
     opt = make_torch_opt(m.parameters())

@@ -14,10 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import metakd
-from metakd import optim
-from metakd.implicit import HVP_MODES, ImplicitResult, ImplicitSolver, implicit_hypergradient
-from metakd.losses import cross_entropy, distillation_loss
-from metakd.nn import FunctionalModel
+from metakd.functional import optim
+from metakd.functional.losses import cross_entropy, distillation_loss
+from metakd.functional.nn import FunctionalModel
+from metakd.hypergrad.implicit import (
+    HVP_MODES,
+    ImplicitResult,
+    ImplicitSolver,
+    implicit_hypergradient,
+)
 
 DT = torch.float64
 D, K = 5, 3

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from metakd.config import MetaParamSpec
-from metakd.losses import accuracy, cross_entropy, distillation_loss
-from metakd.metaparams import MetaParams, constrain, unconstrain
+from metakd.functional.losses import accuracy, cross_entropy, distillation_loss
+from metakd.functional.metaparams import MetaParams, constrain, unconstrain
 
 
 def test_distillation_loss_matches_its_definition():

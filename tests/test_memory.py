@@ -14,8 +14,8 @@ CHILD = textwrap.dedent(
     import json, sys
     import torch
     import metakd
-    from metakd import optim
-    from metakd.losses import cross_entropy, distillation_loss
+    from metakd.functional import optim
+    from metakd.functional.losses import cross_entropy, distillation_loss
 
     method, eta = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)

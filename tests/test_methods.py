@@ -1,4 +1,4 @@
-"""The meta step's seams (metakd.methods): registry, hooks, a user's method, checkpoint formats."""
+"""The meta step's seams (metakd.training.methods): registry, hooks, a user's method, checkpoint formats."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_trainer import _cfg, task  # noqa: F401  (the tiny in-memory task)
 
-from metakd import methods
 from metakd.config import ConfigError, load_config
-from metakd.methods import HypergradMethod, LookAhead, Online, registry
-from metakd.trainer import Trainer
+from metakd.training import methods
+from metakd.training.methods import HypergradMethod, LookAhead, Online, registry
+from metakd.training.trainer import Trainer
 
 
 def test_registry_lists_builtins_refuses_duplicates_and_names_the_valid_keys():
@@ -88,7 +88,9 @@ def test_user_method_by_import_path_takes_the_real_step_and_sees_every_hook(task
 def test_a_path_to_something_else_is_a_clear_error(task):  # noqa: F811
     splits, logits = task
     cfg = _cfg("meta.hypergrad.method=plugins.my_method:NotAMethod")
-    with pytest.raises(ConfigError, match=r"NotAMethod.*not a metakd.methods.HypergradMethod"):
+    with pytest.raises(
+        ConfigError, match=r"NotAMethod.*not a metakd.training.methods.HypergradMethod"
+    ):
         Trainer(cfg, torch.nn.Linear(3, 2), splits, logits)
 
 
@@ -101,7 +103,7 @@ def test_methods_without_meta_steps_refuse_hypergradients(task):  # noqa: F811
 
 
 def test_checkpoints_from_before_the_seam_still_load(task):  # noqa: F811
-    """Checkpoints written before metakd.methods kept the online tangents at the top level
+    """Checkpoints written before metakd.training.methods kept the online tangents at the top level
     (``"tangents"``); they load and continue exactly like the current format."""
     splits, logits = task
     over = ["meta.method=hypergrad", "meta.hypergrad.method=online", "train.batch_size=4",

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from metakd import models
 from metakd.config import ConfigError, ModelConfig
-from metakd.models import available_models, build_model, register_model
+from metakd.data import models
+from metakd.data.models import available_models, build_model, register_model
 
 
 def _n_params(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""metakd.nn: FunctionalModel and the closed-form BatchNorm double backward (batch_norm_train)."""
+"""metakd.functional.nn: FunctionalModel and the closed-form BatchNorm double backward (batch_norm_train)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metakd.nn import FunctionalModel, batch_norm_train, double_backward_batchnorm
+from metakd.functional.nn import FunctionalModel, batch_norm_train, double_backward_batchnorm
 
 SHAPES = [(6, 3, 4, 5), (7, 4), (5, 3, 6)]
 
@@ -101,9 +101,10 @@ def test_functional_model_uses_fast_batchnorm_only_inside_the_context():
 
 
 def test_hypergradient_uses_fast_batchnorm_unless_the_caller_disables_it(monkeypatch):
-    import metakd.nn as mnn
-    from metakd import hypergradient, optim
-    from metakd.losses import cross_entropy
+    import metakd.functional.nn as mnn
+    from metakd import hypergradient
+    from metakd.functional import optim
+    from metakd.functional.losses import cross_entropy
 
     net = _bn_net().double().train()
     fm = FunctionalModel(net)
@@ -176,9 +177,10 @@ def test_hypergradient_through_a_plain_functional_call_takes_the_fast_batchnorm(
     """The way torchopt users write it: torch.func.functional_call of an nn.Sequential with its real
     buffers. The engine routes its BatchNorm to batch_norm_train: the same hypergradient and running
     statistics as the stock path, to float64 roundoff."""
-    import metakd.nn as mnn
-    from metakd import hypergradient, optim
-    from metakd.losses import cross_entropy
+    import metakd.functional.nn as mnn
+    from metakd import hypergradient
+    from metakd.functional import optim
+    from metakd.functional.losses import cross_entropy
 
     g = torch.Generator().manual_seed(4)
     batches = [
@@ -218,7 +220,7 @@ def test_hypergradient_through_a_plain_functional_call_takes_the_fast_batchnorm(
 
 
 def test_the_router_skips_its_mode_for_losses_without_batchnorm():
-    from metakd.nn import BatchNormRouter
+    from metakd.functional.nn import BatchNormRouter
 
     net = nn.Linear(3, 2)
 

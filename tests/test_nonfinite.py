@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import metakd.hypergrad
 from metakd.config import ConfigError, load_config
 from metakd.hypergrad import HypergradResult
-from metakd.run import train_run
+from metakd.runs.run import train_run
 from metakd_cli.main import app
 
 
@@ -99,12 +99,12 @@ def test_a_tiny_temperature_is_named_as_the_cause_not_train_lr(cache, tmp_path):
 
 
 def test_non_finite_metaparameters_are_named_as_the_cause(cache, tmp_path, monkeypatch):
-    import metakd.trainer
+    import metakd.training.trainer
 
     def lambdas(self, raw=None):
         return {"beta1": torch.tensor(math.nan), "beta2": 0.5, "temperature": 2.0}
 
-    monkeypatch.setattr(metakd.trainer.Trainer, "lambdas", lambdas)
+    monkeypatch.setattr(metakd.training.trainer.Trainer, "lambdas", lambdas)
     with pytest.raises(FloatingPointError, match=r"beta1 are not finite.*lower meta\.lr") as info:
         train_run(_cfg(cache), Path(tmp_path) / "run")
     assert "train.lr" not in str(info.value)

@@ -1,4 +1,4 @@
-"""Pluggable objectives (metakd.objectives) and metaparameters from the config: each built-in loss
+"""Pluggable objectives (metakd.training.objectives) and metaparameters from the config: each built-in loss
 against a direct numpy computation, per-class and optimizer metaparameters against float64 finite
 differences of the trainer's unroll, the registry, and a user's objective from the command line."""
 
@@ -17,10 +17,11 @@ import pytest
 import torch
 from test_trainer import _cfg, task  # noqa: F401  (the tiny in-memory task)
 
-from metakd import losses, objectives
 from metakd.config import ConfigError, load_config
-from metakd.run import check_grad
-from metakd.trainer import Trainer
+from metakd.functional import losses
+from metakd.runs.run import check_grad
+from metakd.training import objectives
+from metakd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +226,7 @@ def test_the_real_optimizer_runs_with_the_learned_learning_rate(task):  # noqa: 
 USER_OBJECTIVE = '''
     import torch
     from metakd.config import MetaParamSpec
-    from metakd.objectives import Objective
+    from metakd.training.objectives import Objective
 
 
     class SmoothedKD(Objective):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metakd import bench_e2e
-from metakd.methods.online import Online
+from metakd.bench import e2e as bench_e2e
+from metakd.training.methods.online import Online
 
 
 def _online_trainer(fused: bool, method: str):

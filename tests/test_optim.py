@@ -1,11 +1,11 @@
-"""metakd.optim steps against torch.optim over several steps; from_torch imports a live state."""
+"""metakd.functional.optim steps against torch.optim over several steps; from_torch imports a live state."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from metakd import optim
+from metakd.functional import optim
 
 CASES = {
     "sgd": (lambda: optim.sgd(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),

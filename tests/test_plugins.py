@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from metakd import forecast, plugins
+from metakd import plugins
 from metakd.config import ConfigError, ModelConfig
-from metakd.models import build_model
+from metakd.data.models import build_model
+from metakd.training import forecast
 from metakd_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,8 +119,10 @@ def test_model_kinds_classes_and_annotated_factories(cwd_module) -> None:
 
 def test_estimator_kind_accepts_sklearn_and_refuses_a_forecaster_class() -> None:
     assert plugins.load_estimator("sklearn.linear_model:Ridge").__name__ == "Ridge"
-    with pytest.raises(ConfigError, match=r"found the class metakd\.forecast\.LinearForecaster"):
-        plugins.load_estimator("metakd.forecast:LinearForecaster")  # fit/predict, no get_params
+    with pytest.raises(ConfigError, match=r"found the class metakd\.training\.forecast\.LinearForecaster"):
+        plugins.load_estimator(
+            "metakd.training.forecast:LinearForecaster"
+        )  # fit/predict, no get_params
 
 
 def test_load_object_general_api_and_messages() -> None:
@@ -173,12 +176,12 @@ def test_a_module_in_the_working_directory_is_found_and_appended_once(cwd_module
 
 def test_a_hypergradient_method_in_the_working_directory_is_found(cwd_module) -> None:
     """meta.hypergrad.method=user_method:Mine imports like every other user component (item 13)."""
-    from metakd import methods
+    from metakd.training import methods
 
     cwd_module(
         "user_method",
         """
-        from metakd.methods import LookAhead
+        from metakd.training.methods import LookAhead
 
         class Mine(LookAhead):
             pass

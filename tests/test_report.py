@@ -1,4 +1,4 @@
-"""metakd.report on synthetic run directories written in the exact formats of docs/architecture.md.
+"""metakd.reporting.report on synthetic run directories written in the exact formats of docs/architecture.md.
 
 Statistics reference: numpy mean and the *sample* std (ddof=1), computed here independently of the
 module, from the summaries the test itself wrote.
@@ -17,7 +17,14 @@ import yaml
 from PIL import Image
 
 from metakd.config import Config, apply_overrides, config_to_dict
-from metakd.report import aggregate, build_report, find_runs, load_run, load_runs, make_figures
+from metakd.reporting.report import (
+    aggregate,
+    build_report,
+    find_runs,
+    load_run,
+    load_runs,
+    make_figures,
+)
 
 NAMES = ("beta1", "beta2", "temperature")
 

@@ -15,7 +15,7 @@ import yaml
 from test_report import write_run
 from typer.testing import CliRunner
 
-from metakd.report import load_run
+from metakd.reporting.report import load_run
 from metakd_cli.main import app
 
 runner = CliRunner()

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from metakd.config import load_config
-from metakd.run import train_run
-from metakd.rundir import RunDir
+from metakd.runs.run import train_run
+from metakd.runs.rundir import RunDir
 
 EXACT = (
     "meta", "meta_raw", "test_accuracy", "best_test_accuracy", "val_accuracy", "best_val_accuracy",
@@ -30,8 +30,8 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 from metakd.config import load_config
-from metakd.run import train_run
-from metakd.trainer import Callback
+from metakd.runs.run import train_run
+from metakd.training.trainer import Callback
 
 args = json.loads(sys.argv[1])
 

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from metakd.config import ConfigError, config_to_dict, load_config
-from metakd.run import check_grad, load_trainer, resolve_device, train_run
-from metakd.rundir import RunDir
-from metakd.trainer import Callback
+from metakd.runs.run import check_grad, load_trainer, resolve_device, train_run
+from metakd.runs.rundir import RunDir
+from metakd.training.trainer import Callback
 
 ROW_KEYS = {
     "step", "epoch", "phase", "train_loss", "step_time", "meta", "meta_raw", "hypergrad",
@@ -188,14 +188,14 @@ def test_a_config_written_before_a_key_existed_is_not_a_change(tmp_path, caplog)
     del old["train"]["normalize_weights"]  # what an older metakd wrote
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     rd = RunDir(tmp_path)
-    with caplog.at_level("WARNING", logger="metakd.run"):
+    with caplog.at_level("WARNING", logger="metakd.runs.run"):
         rd.write_config(cfg)  # not a different config: no --resume needed, no warning
     assert "changed config keys" not in caplog.text
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     changed = load_config(None, ["train.normalize_weights=true"])
     with pytest.raises(ConfigError, match=r"train\.normalize_weights"):
         rd.write_config(changed)
-    with caplog.at_level("WARNING", logger="metakd.run"):
+    with caplog.at_level("WARNING", logger="metakd.runs.run"):
         rd.write_config(changed, resume=True)
     assert "changed config keys: train.normalize_weights" in caplog.text
 

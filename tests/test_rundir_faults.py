@@ -17,8 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from metakd.config import ConfigError, load_config
-from metakd.run import train_run
-from metakd.rundir import DiskFullError, RunDir, RunDirLockedError, atomic_torch_save, lock_dir
+from metakd.runs.run import train_run
+from metakd.runs.rundir import DiskFullError, RunDir, RunDirLockedError, atomic_torch_save, lock_dir
 from metakd_cli.main import app
 
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_disk_full_in_an_atomic_write_names_the_file_and_leaves_no_temporary(tmp
 
 
 def test_disk_full_during_a_run_is_one_line_with_the_resume_command(tmp_path, monkeypatch):
-    import metakd.run
+    import metakd.runs.run
 
     out = tmp_path / "run"
 
@@ -145,7 +145,7 @@ def test_disk_full_during_a_run_is_one_line_with_the_resume_command(tmp_path, mo
         (Path(run_dir) / "metrics.jsonl").write_text("{}\n")
         raise DiskFullError(errno.ENOSPC, "No space left on device", str(out / "metrics.jsonl"))
 
-    monkeypatch.setattr(metakd.run, "train_run", train_run)
+    monkeypatch.setattr(metakd.runs.run, "train_run", train_run)
     result = invoke("train", "--out", out, "--wandb", "disabled", "-q")
     assert result.exit_code == 2, result.output
     lines = _error_lines(result.stderr)
@@ -202,9 +202,9 @@ def test_disk_full_on_a_real_tmpfs(finished, tiny_tmpfs):
 HOLDER = """
 import sys, time
 from metakd.config import load_config
-from metakd.experiment import run_experiment
-from metakd.run import train_run
-from metakd.trainer import Callback
+from metakd.runs.experiment import run_experiment
+from metakd.runs.run import train_run
+from metakd.training.trainer import Callback
 
 class Slow(Callback):  # holds the run for a while
     def on_step(self, row):

@@ -18,12 +18,12 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from metakd import ledger
 from metakd.config import ConfigError, load_config
-from metakd.report import build_report
-from metakd.run import train_run
-from metakd.search import SearchSpace, parse_grid, run_search, storage_for
-from metakd.trainer import Callback
+from metakd.reporting.report import build_report
+from metakd.runs import ledger
+from metakd.runs.run import train_run
+from metakd.runs.search import SearchSpace, parse_grid, run_search, storage_for
+from metakd.training.trainer import Callback
 from metakd_cli.main import app
 
 TINY = [
@@ -141,9 +141,9 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 from metakd.config import load_config
-from metakd.run import train_run
-from metakd.search import run_search
-from metakd.trainer import Callback
+from metakd.runs.run import train_run
+from metakd.runs.search import run_search
+from metakd.training.trainer import Callback
 
 a = json.loads(sys.argv[1])
 
@@ -409,7 +409,7 @@ def test_random_and_tpe_continue_a_report_with_new_points(cache, tmp_path, sampl
 
 
 def test_pipeline_continues_from_its_committed_report(cache, tmp_path):
-    from metakd.pipeline import run_pipeline
+    from metakd.runs.pipeline import run_pipeline
 
     cfg = _cfg(cache)
     calls: list = []
@@ -441,7 +441,7 @@ def test_pipeline_continues_from_its_committed_report(cache, tmp_path):
 
 
 def test_pipeline_retrains_at_a_per_class_lambda(cache, tmp_path):
-    from metakd.pipeline import run_pipeline
+    from metakd.runs.pipeline import run_pipeline
 
     cfg = _cfg(cache, "meta.params.temperature.shape=[2]", "meta.optimizer=adam", "meta.lr=0.05")
     res = run_pipeline(cfg, out_dir=tmp_path / "p", seeds=[0], finder_epochs=20)
@@ -468,7 +468,7 @@ def test_pipeline_retrains_at_a_per_class_lambda(cache, tmp_path):
 
 
 def test_a_study_continued_with_another_teacher_file_is_refused(cache, tmp_path):
-    from metakd.search import _check_settings
+    from metakd.runs.search import _check_settings
 
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(b"the first teacher")

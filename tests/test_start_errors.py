@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import metakd.run
+import metakd.runs.run
 from metakd.config import ConfigError, load_config
-from metakd.run import train_run
+from metakd.runs.run import train_run
 from metakd_cli.main import app
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_an_error_whose_fix_is_a_new_out_gets_no_resume_hint(tmp_path, monkeypat
         Path(run_dir).mkdir(parents=True)
         raise ValueError("the data changed since its checkpoint; start a new run with a new --out")
 
-    monkeypatch.setattr(metakd.run, "train_run", train_run)
+    monkeypatch.setattr(metakd.runs.run, "train_run", train_run)
     result = invoke("train", "--out", tmp_path / "r", "-q")
     assert result.exit_code == 2
     assert "new --out" in result.stderr and "--resume" not in result.stderr
@@ -89,12 +89,12 @@ def test_a_failed_start_writes_its_error_into_run_log(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("data.root holds no images")
 
-    monkeypatch.setattr(metakd.run.data, "load_data", broken)
+    monkeypatch.setattr(metakd.runs.run.data, "load_data", broken)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="no images"):
         train_run(_cfg(tmp_path), out)
     log = (out / "run.log").read_text()
-    assert "ERROR metakd.run: run failed: ValueError: data.root holds no images" in log
+    assert "ERROR metakd.runs.run: run failed: ValueError: data.root holds no images" in log
 
 
 def test_experiment_seeds_out_of_range_are_refused():

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import metakd.data
-import metakd.teacher
+import metakd.data.teacher
 from metakd.config import Config, load_config
 from metakd.data import decode_image_folder, load_data
-from metakd.run import check_grad
+from metakd.runs.run import check_grad
 from metakd.status import StatusLine
 
 
@@ -66,9 +66,9 @@ def test_a_long_teacher_epoch_logs_its_batches(tmp_path: Path, monkeypatch, capl
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.teacher.epochs, cfg.teacher.batch_size = 2, 64
     splits = load_data(cfg.data, 0, "cpu")
-    _eager(monkeypatch, metakd.teacher)
-    with caplog.at_level(logging.INFO, logger="metakd.teacher"):
-        metakd.teacher.train_teacher(cfg, splits, "cpu")
+    _eager(monkeypatch, metakd.data.teacher)
+    with caplog.at_level(logging.INFO, logger="metakd.data.teacher"):
+        metakd.data.teacher.train_teacher(cfg, splits, "cpu")
     batches = -(-len(splits.teacher) // 64)
     assert f"teacher: epoch 1/2, batch: 1/{batches:,}" in caplog.text
     assert f"teacher: epoch 2/2, batch: {batches:,}/{batches:,} (100%)" in caplog.text
@@ -77,9 +77,9 @@ def test_a_long_teacher_epoch_logs_its_batches(tmp_path: Path, monkeypatch, capl
 @pytest.mark.parametrize("eager", [False, True])
 def test_check_grad_says_what_it_computes(tmp_path: Path, monkeypatch, caplog, eager):
     if eager:
-        import metakd.run
+        import metakd.runs.run
 
-        _eager(monkeypatch, metakd.run)
+        _eager(monkeypatch, metakd.runs.run)
     cfg = load_config(
         None,
         ["device=cpu", "teacher.epochs=50", f"data.cache_dir={tmp_path}", "meta.unroll=2",

@@ -14,10 +14,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from metakd import teacher as teacher_mod
 from metakd.config import Config, ConfigError, DataConfig
 from metakd.data import Split, Splits, load_data
-from metakd.teacher import load_teacher, save_teacher, teacher_logits, train_teacher
+from metakd.data import teacher as teacher_mod
+from metakd.data.teacher import load_teacher, save_teacher, teacher_logits, train_teacher
 
 
 def _config(tmp_path: Path, **teacher: Any) -> Config:
@@ -180,14 +180,14 @@ def test_in_process_teacher_reports_progress_and_cache_hits(
         asked.append(epochs)
         yield lambda epoch, row: rows.append(epoch)
 
-    with caplog.at_level(logging.INFO, logger="metakd.teacher"):
+    with caplog.at_level(logging.INFO, logger="metakd.data.teacher"):
         first = teacher_logits(cfg, splits, "cpu", progress=progress)
     assert asked == [40] and rows == list(range(40))
     fingerprint = splits.info["fingerprint"][:12]
     assert "training the in-process teacher logreg (40 epochs, seed 0" in caplog.text
     assert f"on data {fingerprint}" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="metakd.teacher"):
+    with caplog.at_level(logging.INFO, logger="metakd.data.teacher"):
         hit = teacher_logits(cfg, splits, "cpu", progress=progress)
     assert asked == [40]  # a hit trains nothing and shows no bar
     assert "teacher logits: cached" in caplog.text and "not recomputed" in caplog.text

@@ -10,8 +10,8 @@ import torch
 
 from metakd import threads
 from metakd.config import load_config
-from metakd.run import train_run
-from metakd.trainer import Callback
+from metakd.runs.run import train_run
+from metakd.training.trainer import Callback
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ from pathlib import Path
 from rich.console import Console
 
 from metakd.config import load_config
-from metakd.progress import (
+from metakd.reporting.progress import (
     ExperimentProgress,
     ProgressCallback,
     estimate_total_steps,
     format_meta,
 )
-from metakd.tracking import WandbCallback, flatten_row, log_report, sync_command
+from metakd.reporting.tracking import WandbCallback, flatten_row, log_report, sync_command
 
 
 def _rows(n: int = 20) -> list[dict]:
@@ -119,7 +119,7 @@ def test_unreachable_online_server_warns_once_and_training_completes(tmp_path, m
             seen.append(row["step"])
 
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="metakd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="metakd.reporting.tracking"):
         cb.on_run_start(cfg, tmp_path, {})
         for row in rows:
             cb.on_step(row)
@@ -128,7 +128,7 @@ def test_unreachable_online_server_warns_once_and_training_completes(tmp_path, m
     elapsed = time.monotonic() - start
     assert elapsed < 60, f"W&B failure took {elapsed:.0f} s"
     assert seen == [r["step"] for r in rows]
-    warnings = [r for r in caplog.records if r.name == "metakd.tracking"]
+    warnings = [r for r in caplog.records if r.name == "metakd.reporting.tracking"]
     assert len(warnings) == 1 and "W&B init failed" in warnings[0].getMessage()
     assert cb.failed and cb.run is None and cb.sync_hint is None
 
@@ -146,12 +146,12 @@ def test_log_failure_mid_run_disables_with_one_warning(tmp_path, monkeypatch, ca
         raise ConnectionError("server error 500\nmore detail")
 
     monkeypatch.setattr(cb.run, "log", broken_log)
-    with caplog.at_level(logging.WARNING, logger="metakd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="metakd.reporting.tracking"):
         for row in _rows(6):
             cb.on_step(row)
         cb.on_run_end({"test_accuracy": 0.7})
     assert len(calls) == 1  # disabled after the first failure
-    msgs = [r.getMessage() for r in caplog.records if r.name == "metakd.tracking"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "metakd.reporting.tracking"]
     assert len(msgs) == 1 and "ConnectionError: server error 500" in msgs[0]
 
 
@@ -238,7 +238,7 @@ def test_estimates_and_formatting():
 def test_import_metakd_does_not_import_wandb():
     import subprocess
 
-    code = "import sys, metakd, metakd.tracking, metakd.progress; print('wandb' in sys.modules)"
+    code = "import sys, metakd, metakd.reporting.tracking, metakd.reporting.progress; print('wandb' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

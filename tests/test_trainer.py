@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import metakd.hypergrad
-from metakd import optim
 from metakd.config import Config, ConfigError, load_config
 from metakd.data import Split, Splits
+from metakd.functional import optim
 from metakd.hypergrad import HypergradResult
-from metakd.trainer import Callback, Trainer
+from metakd.training.trainer import Callback, Trainer
 
 BOUNDS = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "temperature": (0.1, 10.0)}
 
@@ -603,8 +603,8 @@ def test_the_real_optimizer_is_torch_adam_with_its_numbers():
     """Models with many parameter tensors take torch's multi-tensor Adam: the same numbers as its
     default per-tensor loop (what the trainer ran before)."""
     from metakd.config import ModelConfig
-    from metakd.models import build_model
-    from metakd.optimizer_binding import torch_optimizer as _torch_optimizer
+    from metakd.data.models import build_model
+    from metakd.training.optimizer_binding import torch_optimizer as _torch_optimizer
 
     model = build_model(ModelConfig(name="cifar_very_tiny"), (3, 32, 32), 10)
     ref = copy.deepcopy(model)

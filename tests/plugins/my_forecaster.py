@@ -1,6 +1,6 @@
 """A user-defined forecaster, used by the tests through ``"plugins.my_forecaster:MeanForecaster"``.
 
-It follows the :class:`metakd.forecast.Forecaster` protocol without inheriting from metakd, and
+It follows the :class:`metakd.training.forecast.Forecaster` protocol without inheriting from metakd, and
 counts its calls so a test can check that a trainer really used it.
 """
 

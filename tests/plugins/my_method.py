@@ -3,7 +3,7 @@ step itself (the hook a fused tangent + real step uses) and recording every hook
 
 from __future__ import annotations
 
-from metakd.methods import LookAhead
+from metakd.training.methods import LookAhead
 
 
 class RecordingLookAhead(LookAhead):

@@ -1,0 +1,542 @@
+"""Search baselines: grid, random and TPE search over a fixed λ, on Optuna.
+
+Each trial is one fixed-λ training run (:func:`metakd.runs.run.train_run`, ``meta.method=fixed``) in its own
+run directory ``<study>/trials/trial-XXXX/``, scored on the **validation** accuracy at the end of
+training (the test accuracy is recorded, never used to choose). The samplers, pruners and the study
+storage are Optuna's (``GridSampler``, ``RandomSampler``, ``TPESampler``; ``MedianPruner``,
+``SuccessiveHalvingPruner`` on the validation accuracy reported at each evaluation).
+
+Search space (:class:`SearchSpace`), from ``meta.params``:
+
+- ``share`` (default): s = β1/(β1+β2) with β1 = s, β2 = 1 − s, s log-uniform on [0.01, 0.99], and T
+  uniform on the temperature's (lo, hi) range, kept 0.1 % of the range inside its open bounds;
+- ``raw``: every scalar metaparameter uniform on its own (lo, hi) range (the same margin).
+
+Resume: rerunning the same search continues its study — finished trials are kept; a trial left
+``RUNNING`` by a dead process on this host is marked failed and rerun (its run directory resumes from
+its last checkpoint). Studies may be shared by several processes or machines through the storage
+URL: the default SQLite file ``<study>/study.db``, an RDB server (``postgresql://...``,
+``mysql://...``; Optuna's heartbeat marks trials of dead workers on any machine failed), or a journal
+file (``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage``, for file
+systems where SQLite locking is unreliable, e.g. NFS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from metakd.config import Config, ConfigError, MetaParamSpec, config_to_dict
+from metakd.runs.rundir import _diff_keys, _with_current_defaults, atomic_write_text
+from metakd.training.trainer import Callback
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "Dim",
+    "SearchSpace",
+    "parse_grid",
+    "run_search",
+    "storage_for",
+]
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "halving")
+SHARE_RANGE = (0.01, 0.99)
+_MARGIN = 1e-3  # keep sampled values inside a sigmoid constraint's open range
+
+TrainFn = Callable[..., dict]
+CallbacksFactory = Callable[[Config, Path], list]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched dimension: a float on [lo, hi] (log scale when ``log``)."""
+
+    lo: float
+    hi: float
+    log: bool = False
+
+
+def _inner(spec: MetaParamSpec, name: str) -> tuple[float, float]:
+    if spec.constraint != "sigmoid" or spec.shape:
+        raise ConfigError(
+            f"metaparameter {name!r} needs a scalar sigmoid constraint (a bounded range) to be "
+            f"searched, got constraint {spec.constraint!r} shape {spec.shape}; set "
+            f"meta.params.{name}.constraint=sigmoid with lo/hi"
+        )
+    pad = _MARGIN * (spec.hi - spec.lo)
+    return spec.lo + pad, spec.hi - pad
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Searched dimensions and their map to ``meta.values`` (constrained λ)."""
+
+    mode: str
+    dims: dict[str, Dim] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Config, mode: str = "share") -> SearchSpace:
+        params = cfg.meta.params
+        if mode == "share":
+            missing = [n for n in ("beta1", "beta2", "temperature") if n not in params]
+            if missing or len(params) != 3:
+                raise ConfigError(
+                    f"--space share searches β1/(β1+β2) and T, but meta.params has "
+                    f"{sorted(params)}; use --space raw to search each metaparameter"
+                )
+            for name in ("beta1", "beta2"):
+                lo, hi = _inner(params[name], name)
+                if not (lo <= 1 - SHARE_RANGE[1] and hi >= SHARE_RANGE[1]):
+                    raise ConfigError(
+                        f"--space share sets β1 = s, β2 = 1 - s for s in {list(SHARE_RANGE)}, "
+                        f"outside meta.params.{name}'s range ({params[name].lo}, "
+                        f"{params[name].hi}); use --space raw"
+                    )
+            t_lo, t_hi = _inner(params["temperature"], "temperature")
+            return cls("share", {"beta1_share": Dim(*SHARE_RANGE, log=True),
+                                 "temperature": Dim(t_lo, t_hi)})  # fmt: skip
+        if mode == "raw":
+            return cls("raw", {n: Dim(*_inner(s, n)) for n, s in params.items()})
+        raise ConfigError(f"unknown search space {mode!r}; choose share or raw")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        """The trial's point in the searched dimensions."""
+        return {
+            n: float(trial.suggest_float(n, d.lo, d.hi, log=d.log)) for n, d in self.dims.items()
+        }
+
+    def values(self, params: Mapping[str, float]) -> dict[str, float]:
+        """``meta.values`` (β1, β2, T) of a searched point."""
+        if self.mode == "share":
+            s = float(params["beta1_share"])
+            return {"beta1": s, "beta2": 1.0 - s, "temperature": float(params["temperature"])}
+        return {n: float(v) for n, v in params.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "dims": {n: vars(d) for n, d in self.dims.items()}}
+
+
+def parse_grid(items: Sequence[str], space: SearchSpace) -> dict[str, list[float]]:
+    """``["beta1_share=0.01,0.1,0.5", "temperature=1,4,8"]`` → ``{name: values}``; every searched
+    dimension needs values inside its range."""
+    grid: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not text.strip():
+            raise ConfigError(f"--grid {item!r} is not NAME=V1,V2,... (e.g. temperature=1,4,8)")
+        if name not in space.dims:
+            raise ConfigError(
+                f"--grid names {name!r}, not a searched dimension {sorted(space.dims)} "
+                f"(--space {space.mode})"
+            )
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--grid {item!r}: values must be numbers") from None
+        d = space.dims[name]
+        bad = [v for v in values if not d.lo <= v <= d.hi]
+        if bad:
+            raise ConfigError(f"--grid {name}: {bad} outside the range [{d.lo:g}, {d.hi:g}]")
+        grid[name] = values
+    missing = sorted(set(space.dims) - set(grid))
+    if missing:
+        raise ConfigError(f"--grid needs values for every searched dimension; missing {missing}")
+    return grid
+
+
+def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
+    """An Optuna storage: None → SQLite ``<study_dir>/study.db``; ``journal:PATH`` or ``*.journal``
+    → ``JournalStorage`` on that file; any other URL → ``RDBStorage`` (with a heartbeat)."""
+    import optuna
+
+    if url is None:
+        url = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    if url.startswith("journal:") or url.endswith(".journal"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        backend = JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
+
+
+def _sampler(kind: str, grid: Mapping[str, list[float]] | None, seed: int, trials: int) -> Any:
+    import optuna
+
+    if kind == "grid":
+        if not grid:
+            raise ConfigError("--sampler grid needs --grid NAME=V1,V2,... for each dimension")
+        return optuna.samplers.GridSampler(dict(grid), seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Optuna's default of 10 random start-up trials would make an 8-trial TPE random search
+            return optuna.samplers.TPESampler(
+                n_startup_trials=max(3, trials // 4), multivariate=True, seed=seed
+            )
+    raise ConfigError(f"unknown sampler {kind!r}; choose from {list(SAMPLERS)}")
+
+
+def _pruner(kind: str) -> Any:
+    import optuna
+
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    raise ConfigError(f"unknown pruner {kind!r}; choose from {list(PRUNERS)}")
+
+
+class _Pruning(Callback):
+    """Reports the validation accuracy of each evaluation to the trial; raises ``TrialPruned`` when
+    the pruner says so (the run directory keeps its checkpoints and metrics)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.t0 = self.c0 = 0.0
+        self.step = 0
+
+    def on_run_start(self, cfg: Config, run_dir: Path | None, info: Mapping[str, Any]) -> None:
+        import time
+
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def on_eval(self, row: Mapping[str, Any]) -> None:
+        import optuna
+
+        self.step = int(row.get("step", 0))
+        val = row.get("val_accuracy")
+        if val is None:
+            return
+        self.trial.report(float(val), self.step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {self.step} (val accuracy {val:.4f})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
+    """Mark trials left RUNNING by dead processes of this host failed; for random/TPE enqueue the
+    point of each interrupted (not errored) failed trial that no other trial holds (the grid sampler
+    re-picks unfinished grid points itself). Returns the numbers of the trials marked failed."""
+    from optuna.trial import TrialState
+
+    host = platform.node()
+    marked = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        pid = worker.get("pid")
+        if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            marked.append(t.number)
+    if kind == "grid":
+        return marked
+    trials = study.get_trials(deepcopy=False)
+    held = [
+        t.params for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                       TrialState.WAITING)
+    ]  # fmt: skip
+    for t in trials:
+        interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
+        if interrupted and t.params and t.params not in held:
+            study.enqueue_trial(t.params)
+            held.append(t.params)
+    return marked
+
+
+def _trial_config(cfg: Config, values: Mapping[str, float], run_dir: Path, label: str) -> Config:
+    data = config_to_dict(cfg)
+    data["out"] = str(run_dir)
+    data["meta"]["method"] = "fixed"
+    data["meta"]["values"] = dict(values)
+    data["wandb"]["group"] = f"{cfg.name}-{label}"
+    data["wandb"]["tags"] = list(dict.fromkeys([*cfg.wandb.tags, cfg.name, label]))
+    return Config.model_validate(data)
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary: dict[str, Any] = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" else None
+
+
+def _run_dir_for(study: optuna.Study, trial: optuna.Trial, params: Mapping[str, float],
+                 root: Path) -> Path:  # fmt: skip
+    """A failed trial's run directory when this trial reruns its point (to resume it), else
+    ``trials/trial-<number>``."""
+    from optuna.trial import TrialState
+
+    taken = {
+        t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.FAIL and t.number != trial.number
+    }  # fmt: skip
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        rd = t.user_attrs.get("run_dir")
+        if t.params == dict(params) and rd and rd not in taken:
+            return root / rd
+    return root / "trials" / f"trial-{trial.number:04d}"
+
+
+def run_search(
+    cfg: Config,
+    *,
+    sampler: str,
+    trials: int,
+    out_dir: str | Path,
+    space: str = "share",
+    grid: Sequence[str] = (),
+    pruner: str = "none",
+    storage: str | None = None,
+    study_name: str | None = None,
+    sampler_seed: int = 0,
+    worker: int = 0,
+    retrain_seeds: Sequence[int] = (),
+    callbacks_factory: CallbacksFactory | None = None,
+    train_fn: TrainFn | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    import_results: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) a search study in ``out_dir`` until it holds ``trials`` finished trials
+    (complete or pruned), retrain its validation-best λ on ``retrain_seeds``, and write
+    ``results.json``/``results.md``/``trials.csv`` there (:mod:`metakd.runs.search_report`). Returns the
+    results. ``worker`` offsets the sampler seed: parallel processes sharing a study pass distinct
+    values so random/TPE draws differ; ``train_fn`` defaults to :func:`metakd.runs.run.train_run`.
+    ``import_results``: a study directory or ``results.json`` whose trials (and the retrains of its
+    best) this study continues from, when their run directories are gone (:mod:`metakd.runs.search_resume`).
+    Results are rewritten after every finished trial; the retrain on the search's own seed
+    (``cfg.seed``) is the best trial's run itself (the same fixed-λ run), not a second one."""
+    import optuna
+
+    from metakd.runs import search_report, search_resume
+
+    if trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {trials}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sp = SearchSpace.from_config(cfg, space)
+    grid_values = parse_grid(grid, sp) if sampler == "grid" else None
+    if sampler != "grid" and grid:
+        raise ConfigError(f"--grid is for --sampler grid, not {sampler!r}")
+    if grid_values is not None:
+        trials = min(trials, math.prod(len(v) for v in grid_values.values()))
+    report = search_resume.load_report(import_results, "search", out) if import_results else None
+    _check_settings(out, cfg, sampler, sp, grid_values, pruner)
+    if train_fn is None:
+        from metakd.runs.run import train_run as train_fn
+    assert train_fn is not None
+    train = train_fn
+
+    store = storage_for(storage, out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = study_name or out.resolve().name
+    probe = optuna.load_study(study_name=name, storage=store) if _exists(store, name) else None
+    if report is not None:
+        if probe is None:
+            probe = optuna.create_study(study_name=name, storage=store, direction="maximize",
+                                        load_if_exists=True)  # fmt: skip
+        grid_sampler = _sampler(sampler, grid_values, sampler_seed, trials)
+        search_resume.import_trials(probe, report, sp, sampler, grid_sampler, out)
+    n_before = len(probe.trials) if probe is not None else 0
+    # Random/TPE: a resumed or parallel process draws from another seed, or it would repeat the
+    # draws of the first. Grid: always the same seed — GridSampler maps trial numbers to grid points
+    # through a seeded shuffle, which every process and resume must share.
+    seed = sampler_seed
+    if sampler != "grid":
+        seed += 1_000_003 * n_before + 7919 * worker
+    study = optuna.create_study(
+        study_name=name, storage=store, direction="maximize", load_if_exists=True,
+        sampler=_sampler(sampler, grid_values, seed, trials), pruner=_pruner(pruner),
+    )  # fmt: skip
+    study.set_user_attr("metric", "val_accuracy (final evaluation)")
+    _recover(study, store, sampler)
+
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def objective(trial: optuna.Trial) -> float:
+        # few attributes, each one storage commit: who runs it (for _recover), where, what
+        trial.set_user_attr("worker", {"host": platform.node(), "pid": os.getpid()})
+        params = sp.suggest(trial)
+        values = sp.values(params)
+        run_dir = _run_dir_for(study, trial, params, out)
+        trial.set_user_attr("run_dir", run_dir.relative_to(out).as_posix())
+        trial.set_user_attr("values", values)
+        tcfg = _trial_config(cfg, values, run_dir, f"search-{sampler}")
+        summary = _read_summary(run_dir)
+        pr = _Pruning(trial)
+        if summary is None:
+            cbs = list(callbacks_factory(tcfg, run_dir)) if callbacks_factory else []
+            resume = (run_dir / "config.yaml").is_file()
+            try:
+                summary = train(tcfg, run_dir, resume=resume, callbacks=[pr, *cbs])
+            except optuna.TrialPruned:
+                import time
+
+                used = {"steps": pr.step, "wall_seconds": time.perf_counter() - pr.t0,
+                        "cpu_seconds": time.process_time() - pr.c0}  # fmt: skip
+                trial.set_user_attr("result", used)
+                if on_trial is not None:
+                    on_trial({"number": trial.number, "state": "PRUNED", "values": values})
+                raise
+            except (ValueError, FloatingPointError) as exc:
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                raise
+        keys = ("steps", "wall_seconds", "cpu_seconds", "test_accuracy", "val_accuracy")
+        trial.set_user_attr("result", {k: summary.get(k) for k in keys})
+        val = summary.get("val_accuracy")
+        if val is None:
+            raise ConfigError(f"the run {run_dir} has no validation accuracy (train.eval_every?)")
+        if on_trial is not None:
+            on_trial({"number": trial.number, "state": "COMPLETE", "values": values,
+                      "val_accuracy": val})  # fmt: skip
+        return float(val)
+
+    def current(*_: Any) -> dict[str, Any]:
+        return search_report.study_results(study, out, sampler=sampler, space=sp, pruner=pruner,
+                                           budget=trials)  # fmt: skip
+
+    def write(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state in counted:  # a long study's report is current after every trial
+            search_report.write_results(out, current())
+
+    done = len(study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING)))
+    if done < trials:
+        stop = optuna.study.MaxTrialsCallback(trials, states=(*counted, TrialState.RUNNING))
+        study.optimize(objective, n_trials=trials - done, callbacks=[stop, write], catch=())
+    results = current()
+    if retrain_seeds and results.get("best") is not None:
+        known = search_resume.known_rows(report, trial=int(results["best"]["number"]))
+        results["retrain"] = _retrain(cfg, results, retrain_seeds, out, train,
+                                      callbacks_factory, known)  # fmt: skip
+    search_report.write_results(out, results)
+    return results
+
+
+def _exists(store: Any, name: str) -> bool:
+    return any(s.study_name == name for s in store.get_all_studies())
+
+
+def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,
+                    grid: Mapping[str, list[float]] | None, pruner: str) -> None:  # fmt: skip
+    """Write ``search.json``; refuse to continue a study made with other settings."""
+    conf = config_to_dict(cfg)
+    conf.pop("out", None)
+    conf.get("wandb", {}).pop("mode", None)
+    settings = {"sampler": sampler, "space": sp.to_dict(), "grid": grid, "pruner": pruner,
+                "config": conf, "teacher_sha256": teacher_digest(cfg)}  # fmt: skip
+    path = out / "search.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if "teacher_sha256" not in old:  # written before it was recorded: not compared
+            settings.pop("teacher_sha256")
+        # a study continued after an upgrade: keys added to Config since keep their defaults
+        old["config"] = _comparable(old.get("config"))
+        settings["config"] = _comparable(conf)
+        if old.get("teacher_sha256") and settings.get("teacher_sha256"):
+            _same_teacher_path(old["config"], settings["config"])
+        changed = [k for k in settings if json.dumps(old.get(k), sort_keys=True)
+                   != json.dumps(settings[k], sort_keys=True)]  # fmt: skip
+        if changed:
+            keys = sorted(_diff_keys(old.get("config"), settings["config"]))
+            which = f" (config keys {', '.join(keys)})" if keys else ""
+            raise ConfigError(
+                f"{out} holds a study with different {', '.join(changed)}{which}; rerun it with "
+                f"its settings (see {path}) or pass a new --out DIR"
+            )
+        return
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _same_teacher_path(old: Any, new: Any) -> None:
+    """Where both sides record the teacher file's digest, the digest identifies the teacher: the
+    path (another checkout, a relative path) is not compared."""
+    for conf in (old, new):
+        if isinstance(conf, dict) and isinstance(conf.get("teacher"), dict):
+            conf["teacher"] = {**conf["teacher"], "checkpoint": "(compared by sha256)"}
+
+
+def teacher_digest(cfg: Config) -> str | None:
+    """sha256 of the teacher checkpoint file (``teacher.checkpoint``), None for an in-process teacher
+    (its config is part of the study's config). A study continued in another sitting, or from a
+    committed report, must use the same file: a teacher retrained there may differ."""
+    from metakd.data.teacher import _file_sha256
+
+    ckpt = cfg.teacher.checkpoint
+    return _file_sha256(Path(ckpt)) if ckpt is not None and Path(ckpt).is_file() else None
+
+
+def _comparable(conf: Any) -> Any:
+    """A stored or current config with the keys added since filled in, less ``out``/``wandb.mode``."""
+    full = _with_current_defaults(conf)
+    if isinstance(full, dict):
+        full = dict(full)
+        full.pop("out", None)
+        full["wandb"] = {k: v for k, v in (full.get("wandb") or {}).items() if k != "mode"}
+    return full
+
+
+def _retrain(cfg: Config, results: Mapping[str, Any], seeds: Sequence[int], out: Path,
+             train: TrainFn, callbacks_factory: CallbacksFactory | None,
+             known: Mapping[int, dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Fixed-λ runs at the best trial's λ on each seed, in ``retrain/trial-XXXX/seed-<s>``. On the
+    search's own seed the best trial *is* that run (same config, seed and code; CPU training is
+    deterministic): its row is reused (``reused_trial``, no extra cost). ``known``: rows of an
+    imported report, by seed, used where the run directory is gone."""
+    best = results["best"]
+    trial_row = next(t for t in results["trials"] if t["number"] == best["number"])
+    keys = ("test_accuracy", "val_accuracy", "steps", "wall_seconds", "cpu_seconds")
+    rows = []
+    for s in seeds:
+        run_dir = out / "retrain" / f"trial-{int(best['number']):04d}" / f"seed-{s}"
+        summary = _read_summary(run_dir)
+        if summary is None and int(s) == cfg.seed and trial_row.get("test_accuracy") is not None:
+            rows.append({"seed": int(s), "run_dir": trial_row["run_dir"], "reused_trial": True,
+                         **{k: trial_row.get(k) for k in keys}})  # fmt: skip
+            continue
+        if summary is None and int(s) in known:
+            rows.append(dict(known[int(s)]))
+            continue
+        if summary is None:
+            rcfg = _trial_config(cfg, best["values"], run_dir, "search-retrain")
+            rcfg.seed = int(s)
+            cbs = list(callbacks_factory(rcfg, run_dir)) if callbacks_factory else []
+            summary = train(rcfg, run_dir, resume=(run_dir / "config.yaml").is_file(),
+                            callbacks=cbs)  # fmt: skip
+        rows.append({"seed": int(s), "run_dir": run_dir.relative_to(out).as_posix(),
+                     **{k: summary.get(k) for k in keys}})  # fmt: skip
+    return rows

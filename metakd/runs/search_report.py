@@ -1,0 +1,315 @@
+"""Tables and the figure of search studies and the metakd pipeline (what ``metakd report`` adds).
+
+A study's results (``results.json``, kind ``search``) list every trial with its λ, final validation
+accuracy (the score), the test accuracy of its own run (shown, never used to choose), its seconds and
+its cost in plain runs: cost_i = wall_i / (w̄ · S), where w̄ is the mean wall seconds per step of the
+study's complete trials (each a fixed-λ run: the study measures its own plain run) and S their step
+count, so a pruned trial costs the share of a run it used. ``best_so_far`` follows the trials in
+order: the validation-best λ so far and its run's test accuracy, against the cumulative cost.
+
+A pipeline's results (kind ``pipeline``, :mod:`metakd.runs.pipeline`) list per seed the finder run and the
+fixed-λ retrain; its cost is (finder + retrain seconds) / retrain seconds.
+
+The figure (``search.png``): test accuracy against compute in plain runs — per searcher the
+best-so-far curve on the search seed and its retrained λ's mean ± std over the retrain seeds at the
+search's total cost; the pipeline's seeds as points and their mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from metakd.runs.ledger import study_reference
+from metakd.runs.rundir import atomic_write_text
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure
+
+    from metakd.runs.search import SearchSpace
+
+__all__ = [
+    "find_results",
+    "finder_text",
+    "lambda_text",
+    "mean_std",
+    "results_markdown",
+    "search_figure",
+    "section",
+    "study_results",
+    "write_results",
+]
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1; None with fewer than two values)."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def study_results(study: optuna.Study, out: Path, *, sampler: str, space: SearchSpace,
+                  pruner: str, budget: int) -> dict[str, Any]:  # fmt: skip
+    """The results of a study: trials in number order with cost and best-so-far, and the best."""
+    from optuna.trial import TrialState
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+    def attrs(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {**t.user_attrs, **(t.user_attrs.get("result") or {})}
+
+    complete = [attrs(t) for t in trials if t.state == TrialState.COMPLETE]
+    ref = study_reference(complete)
+    full_steps = max((int(a.get("steps") or 0) for a in complete), default=0)
+    plain_wall = ref["wall_per_step"] * full_steps if ref else None
+    plain_cpu = ref["cpu_per_step"] * full_steps if ref else None
+    rows: list[dict[str, Any]] = []
+    cum = cum_cpu = 0.0
+    best: dict[str, Any] | None = None
+    for t in trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        a = attrs(t)
+        cost = a["wall_seconds"] / plain_wall if plain_wall and a.get("wall_seconds") else None
+        cost_cpu = a["cpu_seconds"] / plain_cpu if plain_cpu and a.get("cpu_seconds") else None
+        cum += cost or 0.0
+        cum_cpu += cost_cpu or 0.0
+        row = {
+            "number": t.number, "state": t.state.name, "params": dict(t.params),
+            "values": a.get("values"), "val_accuracy": t.value,
+            "test_accuracy": a.get("test_accuracy") if t.state == TrialState.COMPLETE else None,
+            "steps": a.get("steps"), "wall_seconds": a.get("wall_seconds"),
+            "cpu_seconds": a.get("cpu_seconds"), "cost": cost, "cost_cpu": cost_cpu,
+            "cum_cost": cum, "cum_cost_cpu": cum_cpu, "run_dir": a.get("run_dir"),
+        }  # fmt: skip
+        if t.state == TrialState.COMPLETE and (best is None or t.value > best["val_accuracy"]):
+            best = row
+        row["best_so_far"] = None if best is None else best["number"]
+        row["best_so_far_test"] = None if best is None else best["test_accuracy"]
+        rows.append(row)
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    return {
+        "kind": "search", "sampler": sampler, "space": space.to_dict(), "pruner": pruner,
+        "budget_trials": budget, "study_name": study.study_name, "study_dir": str(out),
+        "metric": "final validation accuracy (test accuracy never used to choose)",
+        "reference": None if ref is None else {
+            **ref, "steps": full_steps, "wall_seconds": plain_wall, "cpu_seconds": plain_cpu,
+            "source": "mean over the study's complete trials (each a fixed-λ run)",
+        },
+        "trials": rows,
+        "best": None if best is None else {k: best[k] for k in (
+            "number", "params", "values", "val_accuracy", "test_accuracy", "run_dir")},
+        "cost": {"plain_runs": cum, "plain_runs_cpu": cum_cpu, "trials": len(rows),
+                 "pruned": len(pruned),
+                 "pruning_saved": sum(1.0 - (r["cost"] or 1.0) for r in pruned)},
+    }  # fmt: skip
+
+
+def _retrain_block(results: dict[str, Any]) -> None:
+    rows = results.get("retrain") or []
+    plain = (results.get("reference") or {}).get("wall_seconds")
+    for r in rows:  # a reused trial (the search seed's own run) costs nothing more
+        r["cost"] = (0.0 if r.get("reused_trial") else
+                     r["wall_seconds"] / plain if plain and r.get("wall_seconds") else None)  # fmt: skip
+    mean, std = mean_std([r.get("test_accuracy") for r in rows])
+    results["retrain_summary"] = {
+        "seeds": [r["seed"] for r in rows], "test_accuracy_mean": mean, "test_accuracy_std": std,
+    } if rows else None  # fmt: skip
+
+
+def _f(v: Any, d: int = 4) -> str:
+    return "–" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+
+def finder_text(results: Mapping[str, Any]) -> str:
+    """A pipeline's finder: ``hypergrad (reverse, η = 20, 3 metaparameters)``: the hypergradient
+    method, its unroll η (look-ahead methods) and the number of metaparameter entries, when its config
+    is recorded."""
+    meta = (results.get("config") or {}).get("meta") or {}
+    method = (meta.get("hypergrad") or {}).get("method")
+    entries = sum(math.prod(p.get("shape") or [1]) for p in (meta.get("params") or {}).values())
+    unroll = meta.get("unroll") if method in ("reverse", "forward") else None
+    parts = (
+        method,
+        f"η = {unroll}" if unroll else "",
+        f"{entries} metaparameters" if entries else "",
+    )
+    detail = ", ".join(x for x in parts if x)
+    return f"{results.get('finder_method')}" + (f" ({detail})" if detail else "")
+
+
+def lambda_text(values: Mapping[str, Any] | None, compact: bool = False) -> str:
+    """``β1 0.1, β2 0.9, T 4``; a per-class λ as ``T [v1, v2, ...]``, or with ``compact`` as its
+    range ``T 3.9–4.1 (10 classes)``."""
+    short = {"beta1": "β1", "beta2": "β2", "temperature": "T"}
+
+    def num(v: Any) -> str:
+        if not isinstance(v, list):
+            return f"{v:.3g}"
+        if compact:
+            return f"{min(v):.3g}–{max(v):.3g} ({len(v)} classes)"
+        return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+
+    return ", ".join(f"{short.get(k, k)} {num(v)}" for k, v in (values or {}).items()) or "–"
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """Markdown tables of a search or pipeline result."""
+    if results.get("kind") == "pipeline":
+        lines = [
+            f"## metakd pipeline ({finder_text(results)} finder, meta "
+            f"{results.get('meta_optimizer', '?')}, {results.get('finder_epochs')} epochs, then a "
+            f"fixed-λ retrain of {results.get('epochs')})\n",
+            "| seed | found λ | finder val acc | retrain test acc | finder cost | total cost "
+            "(plain runs, wall) | total cost (CPU) |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["runs"]:
+            lines.append(
+                f"| {r['seed']} | {lambda_text(r['values'])} | {_f(r['finder'].get('val_accuracy'))} "
+                f"| {_f(r['test_accuracy'])} | {_f(r['finder_cost'], 2)} | {_f(r['cost'], 2)} "
+                f"| {_f(r['cost_cpu'], 2)} |"
+            )
+        s = results.get("summary") or {}
+        lines.append(
+            f"\nMean ± sample std over seeds: test accuracy {_pm(s.get('test_accuracy_mean'), s.get('test_accuracy_std'))}, "
+            f"cost {_pm(s.get('cost_mean'), s.get('cost_std'), 2)} plain runs.\n"
+        )
+        return "\n".join(lines) + "\n"
+    c = results["cost"]
+    best = results.get("best") or {}
+    lines = [
+        f"## Search `{results['study_name']}`: {results['sampler']} ({results['space']['mode']} "
+        f"space, pruner {results['pruner']})\n",
+        f"{c['trials']} trials ({c['pruned']} pruned), cost {c['plain_runs']:.2f} plain runs "
+        f"(wall; CPU {c['plain_runs_cpu']:.2f}; pruning saved {c['pruning_saved']:.2f}). Best trial "
+        f"{best.get('number', '–')}: {lambda_text(best.get('values'))}, val accuracy "
+        f"{_f(best.get('val_accuracy'))}.\n",
+        "| trial | state | λ | val acc (score) | test acc (not used) | steps | wall s | cost "
+        "(plain runs) | cumulative | best so far |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["trials"]:
+        lines.append(
+            f"| {r['number']} | {r['state'].lower()} | {lambda_text(r['values'])} | {_f(r['val_accuracy'])} "
+            f"| {_f(r['test_accuracy'])} | {_f(r['steps'])} | {_f(r['wall_seconds'], 1)} "
+            f"| {_f(r['cost'], 2)} | {_f(r['cum_cost'], 2)} | {_f(r['best_so_far'])} |"
+        )
+    rs = results.get("retrain_summary")
+    if rs:
+        lines += ["", f"Retrained at trial {best.get('number')}'s λ:", "",
+                  "| seed | test acc | cost (plain runs) |", "|---:|---:|---:|"]  # fmt: skip
+        for r in results.get("retrain") or []:
+            note = (" (the trial's own run)" if r.get("reused_trial") else
+                    " (imported)" if r.get("imported_from") else "")  # fmt: skip
+            lines.append(
+                f"| {r['seed']}{note} | {_f(r['test_accuracy'])} | {_f(r.get('cost'), 2)} |"
+            )
+        lines.append(
+            f"\nMean ± sample std: {_pm(rs['test_accuracy_mean'], rs['test_accuracy_std'])}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pm(mean: Any, std: Any, d: int = 4) -> str:
+    return "–" if mean is None else _f(mean, d) + ("" if std is None else f" ± {_f(std, d)}")
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """``results.json``, ``results.md`` and (searches) ``trials.csv`` in ``out``."""
+    if results.get("kind") == "search":
+        _retrain_block(results)
+        cols = ["number", "state", "val_accuracy", "test_accuracy", "steps", "wall_seconds",
+                "cpu_seconds", "cost", "cost_cpu", "cum_cost", "best_so_far", "run_dir"]  # fmt: skip
+        names = list(dict.fromkeys(k for r in results["trials"] for k in (r["values"] or {})))
+        lines = [",".join(cols + names)]
+        for r in results["trials"]:
+            cells = [_f(r[c], 6) if isinstance(r[c], float) else ("" if r[c] is None else str(r[c]))
+                     for c in cols] + [str((r["values"] or {}).get(n, "")) for n in names]  # fmt: skip
+            lines.append(",".join(cells))
+        atomic_write_text(out / "trials.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", "# " + results_markdown(results).lstrip("# "))
+
+
+def find_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The search and pipeline results (``results.json`` of kind search/pipeline) under ``paths``."""
+    found: dict[Path, dict[str, Any]] = {}
+    for p in paths:
+        for f in sorted(Path(p).rglob("results.json")):
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict) and data.get("kind") in ("search", "pipeline"):
+                found[f.resolve()] = data
+    return list(found.values())
+
+
+def search_figure(results: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Test accuracy against compute (plain runs): searchers' best-so-far curves and retrained λ,
+    the pipeline's seeds and mean; None without any result. A result's optional ``"label"`` (e.g. its
+    study directory's name) starts its legend entries."""
+    from matplotlib.figure import Figure
+
+    if not results:
+        return None
+    fig = Figure(figsize=(10, 4.5))
+    ax = fig.add_subplot()
+    for i, r in enumerate(results):
+        color = f"C{i}"
+        name = r.get("label")
+        if r["kind"] == "search":
+            name = name or r["sampler"]
+            pts = [(t["cum_cost"], t["best_so_far_test"]) for t in r["trials"]
+                   if t["best_so_far_test"] is not None]  # fmt: skip
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                label = f"{name} (best so far by val, search seed)"
+                ax.step(xs, ys, where="post", color=color, marker=".", label=label)
+            rs = r.get("retrain_summary")
+            if rs and rs.get("test_accuracy_mean") is not None:
+                ax.errorbar([r["cost"]["plain_runs"]], [rs["test_accuracy_mean"]],
+                            yerr=[rs.get("test_accuracy_std") or 0.0], color=color, marker="s",
+                            capsize=4, linestyle="none",
+                            label=f"{name}: chosen λ retrained, seeds {rs['seeds']}")  # fmt: skip
+        else:
+            runs = [x for x in r["runs"] if x.get("cost") is not None]
+            tag = f"{name + ': ' if name else ''}metakd pipeline ({finder_text(r)}, meta {r.get('meta_optimizer', '?')})"
+            ax.scatter([x["cost"] for x in runs], [x["test_accuracy"] for x in runs], color=color,
+                       marker="x", label=f"{tag}, per seed")  # fmt: skip
+            s = r.get("summary") or {}
+            if s.get("cost_mean") is not None:
+                ax.errorbar([s["cost_mean"]], [s["test_accuracy_mean"]],
+                            xerr=[s.get("cost_std") or 0.0], yerr=[s.get("test_accuracy_std") or 0.0],
+                            color=color, marker="*", markersize=12, capsize=4, linestyle="none",
+                            label=f"{tag}, mean ± std")  # fmt: skip
+    ax.set_xlabel("compute (plain fixed-λ runs, wall)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def section(paths: Sequence[str | Path], out: Path) -> str:
+    """The report.md section of the searches and pipelines under ``paths`` (and ``search.png``),
+    or '' when there are none."""
+    results = find_results(paths)
+    if not results:
+        return ""
+    parts = ["## Search studies and the metakd pipeline\n\n"]
+    fig = search_figure(results)
+    if fig is not None:
+        fig.savefig(out / "search.png", dpi=100)
+        parts.append("Test accuracy against compute in plain runs (see `metakd.runs.search_report`)."
+                     "\n\n![search](search.png)\n\n")  # fmt: skip
+    for r in results:
+        parts.append("#" + results_markdown(r) + "\n")
+    return "".join(parts)

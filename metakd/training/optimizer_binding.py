@@ -1,0 +1,97 @@
+"""The student optimizer's own hyperparameters as metaparameters (``meta.params.lr``, ``.weight_decay``).
+
+A metaparameter named ``lr`` or ``weight_decay`` is not read by the objective: it is bound to the
+real student optimizer (``train.optimizer``). Both sides use the same value λ = c(r):
+
+* hypergradients differentiate through the functional twin of the real optimizer whose hyperparameter
+  is a function of the raw metaparameters, ``optim.adam(lr=lambda r: c(r["lr"]), ...)`` /
+  ``optim.sgd(...)`` (:meth:`OptimizerBinding.functional`; eq. 10 with γ or the L2 weight decay in λ);
+* every real step first sets the torch optimizer's ``lr`` / ``weight_decay`` to the current value
+  (:meth:`OptimizerBinding.apply`), so the trainer drives the real optimizer with what is learned.
+
+Bound metaparameters are scalars (one value for all parameter groups); ``train.lr`` /
+``train.weight_decay`` only fill the optimizer until the first real step sets the learned value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metakd.config import OPTIMIZER_METAPARAMS, ConfigError, MetaParamSpec, TrainConfig
+from metakd.functional import optim
+from metakd.functional.metaparams import constrain
+
+__all__ = ["OPTIMIZER_METAPARAMS", "OptimizerBinding", "torch_optimizer"]
+
+_FOREACH_MIN_TENSORS = 4
+
+
+class OptimizerBinding:
+    """The metaparameters of ``specs`` bound to the student optimizer (``names``; maybe none)."""
+
+    def __init__(self, specs: Mapping[str, MetaParamSpec]) -> None:
+        self.specs = {n: specs[n] for n in OPTIMIZER_METAPARAMS if n in specs}
+        for name, spec in self.specs.items():
+            if spec.shape:
+                raise ConfigError(
+                    f"meta.params.{name}.shape={spec.shape}: the optimizer's {name} is one scalar "
+                    "metaparameter (shape [])"
+                )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def _hyper(self, name: str) -> optim.Hyper:
+        spec = self.specs[name]
+        return lambda raw: constrain(raw[name], spec)
+
+    def functional(
+        self, opt: torch.optim.Optimizer, named_params: Mapping[str, Tensor]
+    ) -> tuple[optim.InnerOptimizer, Any]:
+        """:func:`metakd.functional.optim.from_torch` with the bound hyperparameters as functions of raw λ."""
+        inner, state = optim.from_torch(opt, named_params)
+        if not self.specs:
+            return inner, state
+        hp = dict(inner.hparams)
+        for name in self.specs:
+            hp[name] = self._hyper(name)
+        if inner.name == "sgd":
+            bound = optim.sgd(
+                hp["lr"], hp["momentum"], nesterov=hp["nesterov"], dampening=hp["dampening"],
+                weight_decay=hp["weight_decay"],
+            )  # fmt: skip
+        else:
+            bound = optim.adam(hp["lr"], hp["betas"], hp["eps"], weight_decay=hp["weight_decay"])
+        return bound, state
+
+    @torch.no_grad()
+    def apply(self, opt: torch.optim.Optimizer, values: Mapping[str, Any]) -> None:
+        """Set the torch optimizer's bound hyperparameters to the constrained ``values``."""
+        for name in self.specs:
+            v = float(values[name])
+            for group in opt.param_groups:
+                group[name] = v
+
+
+def torch_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """The real student optimizer of ``train.optimizer`` (torch.optim.Adam / SGD)."""
+    params = list(params)
+    # torch's multi-tensor Adam gives the very same numbers as its per-tensor loop (the CPU default;
+    # tests/test_trainer.py) and is faster from a handful of tensors on; tiny models keep the loop
+    foreach = len(params) >= _FOREACH_MIN_TENSORS
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("train.nesterov=true needs train.momentum > 0 (e.g. train.momentum=0.9)")
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
