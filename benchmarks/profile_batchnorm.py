@@ -18,15 +18,15 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from metakd.bench import engines as bench
+from metakd.bench import cases, runners
 from metakd.functional.nn import double_backward_batchnorm
 
 _DOUBLE_BACKWARD_NODES = ("NativeBatchNormBackwardBackward0", "_BatchNormTrainBackwardBackward")
 
 
 def _profile(eta: int, closed_form: bool) -> None:
-    case = bench._make_case("cifar_very_tiny", 128, eta, torch.device("cpu"))
-    run = bench._RUNNERS["metakd/reverse"]
+    case = cases._make_case("cifar_very_tiny", 128, eta, torch.device("cpu"))
+    run = runners._RUNNERS["metakd/reverse"]
     with double_backward_batchnorm(closed_form):
         run(case)  # warm-up
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

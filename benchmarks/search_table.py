@@ -6,7 +6,7 @@ Each STUDY_DIR holds the ``results.json`` of ``metakd search`` (a grid/random/TP
 retrains, or the ``--sampler hypergrad`` pipeline). Prints one Markdown row per directory: the
 budget, the compute in plain runs (wall and CPU seconds over a fixed-λ run's, see metakd.runs.ledger), the
 chosen λ, and the test accuracy of that λ retrained on each seed (mean ± sample std). ``--figure``
-draws test accuracy against compute (metakd.runs.search_report.search_figure).
+draws test accuracy against compute (metakd.reporting.search_tables.search_figure).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metakd.runs.search_report import finder_text, lambda_text, mean_std, search_figure
+from metakd.reporting.search_tables import finder_text, lambda_text, mean_std, search_figure
 
 
 def _lam(values: dict) -> str:

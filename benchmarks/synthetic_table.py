@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from metakd.config import load_config
 from metakd.data import load_data
 from metakd.reporting.report import Run, load_runs
+from metakd.runs.config import load_config
 
 
 def ceiling(config_yaml: Path) -> float:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metakd_cli.main import (
+from metakd_cli.app import (
     ArgsArg,
     DeviceOpt,
     QuietOpt,

@@ -73,6 +73,7 @@ MOVED_MODULES: dict[str, str] = {
         "search": "runs.search", "search_resume": "runs.search_resume", "pipeline": "runs.pipeline",
         "ledger": "runs.ledger", "report": "reporting.report", "tracking": "reporting.tracking",
         "progress": "reporting.progress", "bench": "bench.engines", "bench_e2e": "bench.e2e",
+        "search_report": "runs.search_results",
         "bench_scaling": "bench.scaling",
     }.items()
 }  # fmt: skip
@@ -85,6 +86,7 @@ def moved(module: str) -> str:
         if module == old or (module.startswith(old + ".") and old != "metakd.bench"):
             return new + module[len(old) :]
     return module
+
 
 _R = TypeVar("_R")
 

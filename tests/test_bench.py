@@ -8,6 +8,7 @@ import math
 import pytest
 
 from metakd.bench import engines as bench
+from metakd.bench import memory as bench_memory
 from metakd.config import ConfigError
 
 
@@ -48,11 +49,11 @@ def test_run_bench_structure_and_agreement(tmp_path):
 
 def test_memory_case_measures_peak_rss():
     spec = {"model": "mlp", "batch_size": 4096, "eta": 4, "engine": "metakd/reverse", "threads": 1}
-    out = bench._memory_case(spec)
+    out = bench_memory._memory_case(spec)
     assert "error" not in out, out
     # at least the four (4096, 64) hidden activations kept for the backward sweep
     assert out["peak_mem_mib"] >= 4 * 4096 * 64 * 4 / 2**20
-    assert "error" in bench._memory_case({**spec, "engine": "nope"})
+    assert "error" in bench_memory._memory_case({**spec, "engine": "nope"})
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from metakd.bench import scaling as bs
+from metakd.bench import scaling_cases
 from metakd.config import ConfigError
 from metakd_cli.main import app
 
@@ -55,7 +56,7 @@ def test_memory_is_measured_in_a_forked_process():
 
 
 def test_per_class_loss_is_eq4_with_per_sample_metaparameters():
-    case = bs._make_case(30, 2, 8, 16, 1, 1, torch.device("cpu"))
+    case = scaling_cases._make_case(30, 2, 8, 16, 1, 1, torch.device("cpu"))
     x, y, t = case.batches[0]
     raw = {k: torch.linspace(-1.0, 1.0, 10) for k in ("beta1", "beta2", "temperature")}
     loss = case.train_loss(case.params, raw, case.batches[0]).detach()

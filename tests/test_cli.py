@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 import metakd.threads
 from metakd import __version__
-from metakd.config import config_to_dict, load_config
-from metakd_cli.main import app, parse_seeds, split_args
+from metakd.config import config_to_dict
+from metakd.runs.config import load_config
+from metakd_cli.app import parse_seeds, split_args
+from metakd_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -12,8 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 import metakd
+import metakd_cli.main  # noqa: F401  (registers the commands on cli.app)
 from metakd.functional import optim
-from metakd_cli import main as cli
+from metakd_cli import app as cli
 
 COMMANDS = [
     "", "train", "teacher", "experiment", "report", "bench", "check-grad", "forecasters", "search",

@@ -14,8 +14,9 @@ import torch
 
 from metakd import hypergrad
 from metakd.bench import e2e as bench_e2e
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
 from metakd.data.models import build_model
+from metakd.runs.config import load_config
 from metakd.training.methods import CompiledLookAhead, LookAhead, compiled
 from metakd.training.trainer import Trainer
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metakd.config import Config, ConfigError, config_to_dict, load_config
+from metakd.config import Config, ConfigError, config_to_dict
+from metakd.runs.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -15,7 +15,7 @@ from scipy import integrate, special, stats
 
 from metakd import data as data_mod
 from metakd.config import ConfigError, DataConfig
-from metakd.data import augment_batch, decode_image_folder, load_data
+from metakd.data import augment_batch, decode_image_folder, images, load_data
 
 # --------------------------------------------------------------------------- synthetic
 
@@ -163,7 +163,7 @@ def test_decode_matches_pil_and_caches(
     def no_decode(self: object, i: int) -> None:
         raise AssertionError("a cache hit must not decode")
 
-    monkeypatch.setattr(data_mod._ImageFiles, "__getitem__", no_decode)
+    monkeypatch.setattr(images._ImageFiles, "__getitem__", no_decode)
     hit = decode_image_folder(folder, cache)
     assert torch.equal(hit["images"], result["images"])
     # a changed file changes the fingerprint: decoding again (here: the patched decoder fires)

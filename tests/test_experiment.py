@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from metakd.config import Config, config_to_dict, load_config
+from metakd.config import Config, config_to_dict
+from metakd.runs.config import load_config
 from metakd.runs.experiment import run_dir_for, run_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))

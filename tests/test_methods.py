@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_trainer import _cfg, task  # noqa: F401  (the tiny in-memory task)
 
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
+from metakd.runs.config import load_config
 from metakd.training import methods
 from metakd.training.methods import HypergradMethod, LookAhead, Online, registry
 from metakd.training.trainer import Trainer

@@ -12,8 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 import metakd.hypergrad
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
 from metakd.hypergrad import HypergradResult
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd_cli.main import app
 

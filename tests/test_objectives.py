@@ -17,8 +17,9 @@ import pytest
 import torch
 from test_trainer import _cfg, task  # noqa: F401  (the tiny in-memory task)
 
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
 from metakd.functional import losses
+from metakd.runs.config import load_config
 from metakd.runs.run import check_grad
 from metakd.training import objectives
 from metakd.training.trainer import Trainer

@@ -119,7 +119,9 @@ def test_model_kinds_classes_and_annotated_factories(cwd_module) -> None:
 
 def test_estimator_kind_accepts_sklearn_and_refuses_a_forecaster_class() -> None:
     assert plugins.load_estimator("sklearn.linear_model:Ridge").__name__ == "Ridge"
-    with pytest.raises(ConfigError, match=r"found the class metakd\.training\.forecast\.LinearForecaster"):
+    with pytest.raises(
+        ConfigError, match=r"found the class metakd\.training\.forecast\.LinearForecaster"
+    ):
         plugins.load_estimator(
             "metakd.training.forecast:LinearForecaster"
         )  # fit/predict, no get_params

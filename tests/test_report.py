@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from metakd.config import Config, apply_overrides, config_to_dict
+from metakd.config import Config, config_to_dict
 from metakd.reporting.report import (
     aggregate,
     build_report,
@@ -25,6 +25,7 @@ from metakd.reporting.report import (
     load_runs,
     make_figures,
 )
+from metakd.runs.config import apply_overrides
 
 NAMES = ("beta1", "beta2", "temperature")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metakd.config import load_config
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.runs.rundir import RunDir
 
@@ -29,7 +29,7 @@ DRIVER = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from metakd.config import load_config
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.training.trainer import Callback
 

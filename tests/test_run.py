@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from metakd.config import ConfigError, config_to_dict, load_config
+from metakd.config import ConfigError, config_to_dict
+from metakd.runs.config import load_config
 from metakd.runs.run import check_grad, load_trainer, resolve_device, train_run
 from metakd.runs.rundir import RunDir
 from metakd.training.trainer import Callback

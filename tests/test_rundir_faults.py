@@ -16,7 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.runs.rundir import DiskFullError, RunDir, RunDirLockedError, atomic_torch_save, lock_dir
 from metakd_cli.main import app
@@ -201,7 +202,7 @@ def test_disk_full_on_a_real_tmpfs(finished, tiny_tmpfs):
 
 HOLDER = """
 import sys, time
-from metakd.config import load_config
+from metakd.runs.config import load_config
 from metakd.runs.experiment import run_experiment
 from metakd.runs.run import train_run
 from metakd.training.trainer import Callback

@@ -18,9 +18,10 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from metakd.config import ConfigError, load_config
+from metakd.config import ConfigError
 from metakd.reporting.report import build_report
 from metakd.runs import ledger
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.runs.search import SearchSpace, parse_grid, run_search, storage_for
 from metakd.training.trainer import Callback
@@ -140,7 +141,7 @@ DRIVER = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from metakd.config import load_config
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.runs.search import run_search
 from metakd.training.trainer import Callback

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import metakd.runs.run
-from metakd.config import ConfigError, load_config
+import metakd.runs.build
+from metakd.config import ConfigError
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd_cli.main import app
 
@@ -89,7 +90,7 @@ def test_a_failed_start_writes_its_error_into_run_log(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("data.root holds no images")
 
-    monkeypatch.setattr(metakd.runs.run.data, "load_data", broken)
+    monkeypatch.setattr(metakd.runs.build.data, "load_data", broken)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="no images"):
         train_run(_cfg(tmp_path), out)
@@ -98,7 +99,7 @@ def test_a_failed_start_writes_its_error_into_run_log(tmp_path, monkeypatch):
 
 
 def test_experiment_seeds_out_of_range_are_refused():
-    from metakd_cli.main import parse_seeds
+    from metakd_cli.app import parse_seeds
 
     with pytest.raises(ConfigError, match=r"seeds must be 0 \.\. 2\*\*32 - 1, got \[-1\]"):
         parse_seeds("-1,2")

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import metakd.data
+import metakd.data.images
 import metakd.data.teacher
-from metakd.config import Config, load_config
+import metakd.runs.check_grad
+from metakd.config import Config
 from metakd.data import decode_image_folder, load_data
+from metakd.runs.config import load_config
 from metakd.runs.run import check_grad
 from metakd.status import StatusLine
 
@@ -49,7 +51,7 @@ def test_image_decoding_says_what_it_decodes(tmp_path: Path, monkeypatch, caplog
             Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
                 tmp_path / "imgs" / c / f"{i}.png"
             )
-    _eager(monkeypatch, metakd.data)
+    _eager(monkeypatch, metakd.data.images)
     with caplog.at_level(logging.INFO, logger="metakd.data"):
         decode_image_folder(tmp_path / "imgs", tmp_path / "cache", workers=0)
     text = "\n".join(caplog.messages)
@@ -79,7 +81,7 @@ def test_check_grad_says_what_it_computes(tmp_path: Path, monkeypatch, caplog, e
     if eager:
         import metakd.runs.run
 
-        _eager(monkeypatch, metakd.runs.run)
+        _eager(monkeypatch, metakd.runs.check_grad)
     cfg = load_config(
         None,
         ["device=cpu", "teacher.epochs=50", f"data.cache_dir={tmp_path}", "meta.unroll=2",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metakd import threads
-from metakd.config import load_config
+from metakd.runs.config import load_config
 from metakd.runs.run import train_run
 from metakd.training.trainer import Callback
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from metakd.config import load_config
 from metakd.reporting.progress import (
     ExperimentProgress,
     ProgressCallback,
@@ -18,6 +17,7 @@ from metakd.reporting.progress import (
     format_meta,
 )
 from metakd.reporting.tracking import WandbCallback, flatten_row, log_report, sync_command
+from metakd.runs.config import load_config
 
 
 def _rows(n: int = 20) -> list[dict]:

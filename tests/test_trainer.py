@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import metakd.hypergrad
-from metakd.config import Config, ConfigError, load_config
+from metakd.config import Config, ConfigError
 from metakd.data import Split, Splits
 from metakd.functional import optim
 from metakd.hypergrad import HypergradResult
+from metakd.runs.config import load_config
 from metakd.training.trainer import Callback, Trainer
 
 BOUNDS = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "temperature": (0.1, 10.0)}

@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metakd.bench.cases import _synthetic_splits
+from metakd.bench.common import _versions
 from metakd.config import Config, MetaConfig, ModelConfig, TrainConfig
+from metakd.data import load_data
 from metakd.data.models import build_model
 from metakd.functional.metaparams import RAW_LIMIT
 from metakd.training.trainer import Trainer
@@ -113,9 +116,6 @@ def _case(
     name: str, method: str = "hypergrad", online: bool = False, device: str = "cpu"
 ) -> tuple[Config, Any, Any]:
     """(config, splits, teacher logits) of a case on ``device``; random data and teacher logits of its shape."""
-    from metakd.bench.engines import _synthetic_splits
-    from metakd.data import load_data
-
     hyper = {"method": "online" if online else "reverse"}
     if name == "synthetic":
         cfg = Config()  # the embedded default: logistic regression on 15 points, full batch
@@ -246,8 +246,6 @@ def run_step_bench(
     where every case runs (``cuda`` for benchmarks/gpu.sh; CUDA kernels are synchronized around each
     timed block, and the "CPU" columns are then the host's time). Returns ``{"config", "rows", "env"}``; with ``out``, writes
     ``step.json``/``step.md``."""
-    from metakd.bench.engines import _versions
-
     rows: list[dict[str, Any]] = []
 
     def pair(case: str, what: str, trainer: Trainer, a: tuple[str, Callable[[int], None]],

@@ -27,7 +27,7 @@ with β = σ(r), T = 0.1 + 9.9·σ(r), wd = 1e-3·exp(r) from raw leaves r. The 
 ``implicit-neumann``    the Neumann series with J terms, α = γ
 
 Time: one warm-up call per method (at the smallest H), then ``repeats`` calls interleaved round-robin over the
-methods; medians. Peak memory as in :mod:`metakd.bench.engines`: on CPU one more call per case in a process
+methods; medians. Peak memory as in :mod:`metakd.bench.memory`: on CPU one more call per case in a process
 forked from a server that never runs torch ops (peak RSS minus RSS before the call); on CUDA
 ``max_memory_allocated`` minus the allocation before the call. ``python -m metakd.bench.scaling --help``.
 """
@@ -40,18 +40,14 @@ import os
 import resource
 import subprocess
 import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from metakd.bench.engines import (
+from metakd.bench.common import (
     _fmt,
     _median,
     _progress,
@@ -61,204 +57,13 @@ from metakd.bench.engines import (
     _status_kib,
     _versions,
 )
+from metakd.bench.scaling_cases import INNER_LR, _make_case, meta_names
+from metakd.bench.scaling_runners import _RUNNERS, METHODS, _timed
 from metakd.config import ConfigError
-from metakd.functional import optim
-from metakd.functional.nn import FunctionalModel
-from metakd.hypergrad import hypergradient, tangent_step
-from metakd.hypergrad.implicit import ImplicitSolver
 
 __all__ = ["METHODS", "meta_names", "run_scaling_bench", "scaling_markdown"]
 
-METHODS = (
-    "plain",
-    "reverse",
-    "reverse-checkpoint",
-    "forward",
-    "online-step",
-    "implicit-cg",
-    "implicit-cg-func",
-    "implicit-neumann",
-)
-NUM_CLASSES = 10
-INPUT = 32
-INNER_LR = 0.1
-_RAW = {"beta1": 0.3, "beta2": -0.5, "temperature": -1.2, "weight_decay": 0.0}
 _MIB = 2.0**20
-
-
-def meta_names(h: int, n_tensors: int, k: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:
-    """The metaparameters (name -> shape) at H = ``h`` entries (see the module docstring)."""
-    table: dict[int, dict[str, tuple[int, ...]]] = {
-        1: {"temperature": ()},
-        3: {"beta1": (), "beta2": (), "temperature": ()},
-        k: {"temperature": (k,)},
-        3 * k: {"beta1": (k,), "beta2": (k,), "temperature": (k,)},
-        3 * k + n_tensors: {
-            "beta1": (k,), "beta2": (k,), "temperature": (k,), "weight_decay": (n_tensors,)
-        },
-    }  # fmt: skip
-    if h not in table:
-        raise ConfigError(
-            f"H = {h} is not one of the supported metaparameter sets {sorted(table)} "
-            f"(K = {k} classes, {n_tensors} parameter tensors)"
-        )
-    return table[h]
-
-
-@dataclass
-class _Case:
-    module: nn.Module
-    fmodel: FunctionalModel
-    batches: list[tuple[Tensor, Tensor, Tensor]]
-    val_batch: tuple[Tensor, Tensor]
-    meta: dict[str, Tensor]
-    params: dict[str, Tensor]
-    iterations: int
-    damping: float
-
-    def lam(self, raw: dict[str, Tensor], name: str) -> Tensor:
-        dev = self.val_batch[0].device
-        r = raw[name] if name in raw else torch.tensor(_RAW[name], device=dev)
-        if name == "temperature":
-            return 0.1 + 9.9 * torch.sigmoid(r)
-        if name == "weight_decay":
-            return 1e-3 * torch.exp(r)
-        return torch.sigmoid(r)
-
-    def train_loss(self, params: dict[str, Tensor], meta: dict[str, Tensor], batch: Any) -> Tensor:
-        x, y, t = batch
-        s = self.fmodel(params, x)  # (B, K)
-
-        def per_sample(v: Tensor) -> Tensor:  # scalar or per-class [K] -> (B,)
-            return v[y] if v.dim() else v.expand(y.shape)
-
-        b1 = per_sample(self.lam(meta, "beta1"))
-        b2 = per_sample(self.lam(meta, "beta2"))
-        temp = per_sample(self.lam(meta, "temperature")).unsqueeze(1)  # (B, 1)
-        hard = F.cross_entropy(s, y, reduction="none")
-        soft = -(torch.softmax(t / temp, -1) * torch.log_softmax(s / temp, -1)).sum(-1)
-        wd = self.lam(meta, "weight_decay").expand(len(params))
-        l2 = sum((w_l * (p**2).sum() for w_l, p in zip(wd, params.values())), torch.zeros(()))
-        return (b1 * hard + b2 * soft).mean() + 0.5 * l2
-
-    def val_loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
-        return F.cross_entropy(self.fmodel(params, batch[0]), batch[1])
-
-
-def _make_case(
-    h: int,
-    depth: int,
-    width: int,
-    batch_size: int,
-    eta: int,
-    iterations: int,
-    dev: torch.device,
-    damping: float = 1.0,
-) -> _Case:
-    torch.manual_seed(0)
-    dims = [INPUT] + [width] * (depth - 1) + [NUM_CLASSES]
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < depth - 1:
-            layers.append(nn.Tanh())
-    module = nn.Sequential(*layers).to(dev).train()
-    g = torch.Generator().manual_seed(1)
-
-    def batch() -> tuple[Tensor, Tensor, Tensor]:
-        x = torch.randn(batch_size, INPUT, generator=g)
-        y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
-        t = 2 * torch.randn(batch_size, NUM_CLASSES, generator=g)
-        return x.to(dev), y.to(dev), t.to(dev)
-
-    batches = [batch() for _ in range(eta)]
-    vx, vy, _ = batch()
-    shapes = meta_names(h, 2 * depth)
-    meta = {k: torch.full(s, _RAW[k], device=dev, requires_grad=True) for k, s in shapes.items()}
-    params = {k: v.detach().clone() for k, v in module.named_parameters()}
-    return _Case(
-        module, FunctionalModel(module), batches, (vx, vy), meta, params, iterations, damping
-    )
-
-
-Runner = Callable[[_Case], Tensor | None]
-
-
-def _flat(grads: dict[str, Tensor], case: _Case) -> Tensor:
-    return torch.cat([grads[k].reshape(-1) for k in case.meta])
-
-
-def _hypergrad(**kw: Any) -> Runner:
-    def run(case: _Case) -> Tensor:
-        res = hypergradient(
-            case.train_loss, case.val_loss, case.params, case.meta, case.batches,
-            case.val_batch, optim.sgd(INNER_LR), **kw,
-        )  # fmt: skip
-        return _flat(res.grads, case)
-
-    return run
-
-
-def _implicit(solver: str, hvp: str = "autograd") -> Runner:
-    def run(case: _Case) -> Tensor:
-        cfg = ImplicitSolver(
-            solver=solver, iterations=case.iterations, damping=case.damping, tol=0.0, hvp=hvp,
-            neumann_lr=INNER_LR,
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # checked below instead
-            res = hypergradient(
-            case.train_loss, case.val_loss, case.params, case.meta, case.batches[:1],
-                case.val_batch, optim.sgd(INNER_LR), method="implicit", implicit=cfg,
-            )  # fmt: skip
-        done = getattr(res, "iterations", 0)
-        if done != case.iterations or not res.finite:
-            raise RuntimeError(
-                f"{solver} stopped after {done} of {case.iterations} iterations (finite: "
-                f"{res.finite}): the damped Hessian is not positive definite; raise --damping"
-            )
-        return _flat(res.grads, case)
-
-    return run
-
-
-def _plain(case: _Case) -> None:
-    """η real steps of the same L_train (at λ's values) on the module, ``torch.optim.SGD``."""
-    module = case.module
-    opt = torch.optim.SGD(module.parameters(), lr=INNER_LR)
-    meta = {k: v.detach() for k, v in case.meta.items()}
-    for batch in case.batches:
-        opt.zero_grad()
-        case.train_loss(dict(module.named_parameters()), meta, batch).backward()
-        opt.step()
-
-
-def _online_step(case: _Case) -> None:
-    opt = optim.sgd(INNER_LR)
-    state = opt.init_tuple(tuple(case.params.values()))
-    tangent_step(case.train_loss, case.params, case.meta, case.batches[0], opt, state, None)
-
-
-_RUNNERS: dict[str, Runner] = {
-    "plain": _plain,
-    "reverse": _hypergrad(method="reverse"),
-    "reverse-checkpoint": _hypergrad(method="reverse", checkpoint=True),
-    "forward": _hypergrad(method="forward"),
-    "online-step": _online_step,
-    "implicit-cg": _implicit("cg"),
-    "implicit-cg-func": _implicit("cg", hvp="func"),
-    "implicit-neumann": _implicit("neumann"),
-}
-
-
-def _timed(run: Runner, case: _Case, dev: torch.device) -> tuple[float, Tensor | None]:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    out = run(case)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t0, out
 
 
 # --------------------------------------------------------------------------- CPU peak memory
@@ -289,7 +94,7 @@ def _memory_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _memory_server() -> None:
-    """Fork server as :func:`metakd.bench.engines._memory_server`: it never runs a torch op itself."""
+    """Fork server as :func:`metakd.bench.memory._memory_server`: it never runs a torch op itself."""
     for line in sys.stdin:
         r, w = os.pipe()
         pid = os.fork()

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from metakd.config import Config, ConfigError, ModelConfig, TeacherConfig, config_to_dict
 from metakd.data import Split, Splits, augment_batch
 from metakd.data.models import build_model
-from metakd.runs.rundir import atomic_torch_save
+from metakd.files import atomic_torch_save
 from metakd.status import StatusLine
 
 __all__ = [

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from metakd.functional import optim as _optim
 from metakd.functional.nn import double_backward_batchnorm
-from metakd.hypergrad import HypergradResult, TrainLoss, ValLoss, _finish, _scalar
+from metakd.hypergrad._common import HypergradResult, TrainLoss, ValLoss, _finish, _scalar
 
 __all__ = ["HVP_MODES", "SOLVERS", "ImplicitResult", "ImplicitSolver", "implicit_hypergradient"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
-from metakd.reporting.report import aggregate, results_csv, results_markdown
+from metakd.reporting.tables import aggregate, results_csv, results_markdown
 from metakd.runs.rundir import atomic_write_text, lock_dir, read_summary_file
 
 __all__ = ["METHODS", "run_dir_for", "run_experiment"]

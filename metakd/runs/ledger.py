@@ -16,7 +16,8 @@ included). How the reference is obtained, in this order:
    train except epochs, device) and the machine (host, torch threads, torch version).
 3. ``calibration``: when the cache has none, a short fixed-λ run of the same config
    (``train.epochs`` × :data:`CALIBRATION_FRACTION`, at least one epoch) is timed in-process after the
-   run has finished (it changes nothing the run wrote) and cached.
+   run has finished (it changes nothing the run wrote) and cached. The run passes that timing in as
+   ``run_cost(..., calibrate=metakd.runs.build.calibrate)``: this module prices, it does not train.
 
 The key and the calibration run take the kind of step the priced run ran (compiled or eager,
 ``summary["compiled"]``: ``train.compile=auto``'s choice, :mod:`metakd.training.methods.compiled`), so a compiled
@@ -34,24 +35,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from metakd.config import Config, config_to_dict
-from metakd.functional.metaparams import constrain
 from metakd.runs.rundir import atomic_write_text
 
 __all__ = [
     "CALIBRATION_FRACTION",
     "FIXED_METHODS",
-    "calibrate",
     "cost_of",
     "lookup_reference",
     "record_reference",
@@ -127,34 +125,6 @@ def lookup_reference(cfg: Config) -> dict[str, float] | None:
     }
 
 
-def calibrate(cfg: Config, fraction: float = CALIBRATION_FRACTION) -> dict[str, float]:
-    """Time a short fixed-λ run of ``cfg`` (no run directory) and cache its per-step seconds."""
-    from metakd.runs.run import _build, resolve_device  # run imports this module
-    from metakd.training.trainer import Trainer
-
-    epochs = max(1, math.ceil(cfg.train.epochs * fraction))
-    data = config_to_dict(cfg)
-    data["meta"]["method"] = "fixed"
-    # any λ costs the same: hold each metaparameter at c(0), the middle of its range
-    data["meta"]["values"] = {
-        name: float(constrain(torch.zeros(()), spec)) for name, spec in cfg.meta.params.items()
-    }
-    data["train"]["epochs"] = epochs
-    data["wandb"]["mode"] = "disabled"
-    short = Config.model_validate(data)
-    device = resolve_device(short.device)
-    log.info("ledger: timing a plain (fixed-λ) run of %d epochs as the cost reference", epochs)
-    splits, logits, model = _build(short, device)
-    trainer = Trainer(short, model, splits, logits, device=device)
-    cpu0 = time.process_time()
-    summary = trainer.train()
-    cpu = time.process_time() - cpu0
-    # a compiled reference: its per-step seconds without its one-off compilation
-    wall, steps = trainer.wall_seconds - summary["compile_seconds"], trainer.step
-    record_reference(cfg, wall, cpu, steps, f"calibration ({epochs} epochs)")
-    return {"wall_per_step": wall / steps, "cpu_per_step": cpu / steps, "samples": 1.0}
-
-
 def cost_of(
     wall: float, cpu: float | None, ref_wall: float, ref_cpu: float | None
 ) -> dict[str, Any]:
@@ -165,7 +135,12 @@ def cost_of(
     }
 
 
-def run_cost(cfg: Config, summary: Mapping[str, Any], *, calibrate_missing: bool = True) -> dict:
+def run_cost(
+    cfg: Config,
+    summary: Mapping[str, Any],
+    *,
+    calibrate: Callable[[Config], dict[str, float]] | None = None,
+) -> dict:
     """The ledger entry of a finished run: ``{"cost": {...}, "plain_runs": x}`` for summary.json.
 
     ``cost`` holds ``plain_runs`` (wall), ``plain_runs_cpu`` and ``reference`` (source and the
@@ -189,7 +164,7 @@ def run_cost(cfg: Config, summary: Mapping[str, Any], *, calibrate_missing: bool
     found = lookup_reference(cfg)
     source = "cache"
     # baseline (no teacher term) only reads the cache: calibrating it would need a teacher
-    if found is None and calibrate_missing and steps > 0 and method != "baseline":
+    if found is None and calibrate is not None and steps > 0 and method != "baseline":
         try:
             found, source = calibrate(cfg), "calibration"
         except Exception as exc:  # the run is done and kept; only its price is unknown

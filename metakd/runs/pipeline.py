@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
+from metakd.reporting.search_tables import mean_std
 from metakd.runs.rundir import _diff_keys
 from metakd.runs.search import _comparable, _same_teacher_path, teacher_digest
-from metakd.runs.search_report import mean_std, write_results
+from metakd.runs.search_results import write_results
 
 __all__ = ["run_pipeline"]
 

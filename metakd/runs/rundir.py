@@ -18,13 +18,11 @@ temporary file orphaned by a kill is removed when the run is resumed. A full dis
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -34,13 +32,24 @@ import yaml
 from pydantic import ValidationError
 
 from metakd.config import Config, ConfigError, config_to_dict
+from metakd.files import (
+    DiskFullError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    disk_full,
+    file_mode,
+    raise_if_full,
+    read_config_file,
+    read_summary_file,
+)
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
+__all__ = [  # the atomic writers and readers are re-exported: their home is metakd.files
     "DiskFullError",
     "RunDir",
     "RunDirLockedError",
@@ -56,97 +65,6 @@ LOCK_NAME = ".lock"
 
 _CKPT = re.compile(r"^epoch-(\d{5,})\.pt$")
 _ORPHAN = re.compile(r"^\..+\.tmp$")  # what _atomic_write's mkstemp names look like
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(OSError):
-    """Writing ``filename`` failed because its file system is full (ENOSPC) or over quota (EDQUOT)."""
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT ``OSError`` in ``exc`` or its chain (torch.save wraps it in a RuntimeError)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in _FULL:
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _raise_if_full(exc: BaseException, path: Path) -> None:
-    full = _disk_full(exc)
-    if full is not None and not isinstance(exc, DiskFullError):
-        raise DiskFullError(full.errno, os.strerror(full.errno or errno.ENOSPC), str(path)) from exc
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A run directory's ``config.yaml`` as a mapping; :class:`ConfigError` naming the file when it is
-    empty, unreadable, not UTF-8, not YAML or not a mapping (a run never falls back to defaults)."""
-    path = Path(path)
-    fix = "restore it (e.g. from a copy of the run) or start a new run with a new --out"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); {fix}"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = (str(exc).strip().splitlines() or ["YAML error"])[0]
-        raise ConfigError(f"{path} is not valid YAML ({first}); {fix}") from None
-    if data is None:
-        raise ConfigError(f"{path} is empty, so the run's config is lost; {fix}")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} holds a {type(data).__name__}, not the run's config (a mapping of keys); {fix}"
-        )
-    return data
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        _raise_if_full(exc, path)
-        raise
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        _raise_if_full(exc, path)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    _atomic_write(Path(path), lambda fh: fh.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` atomically (caches and checkpoints are never left half-written)."""
-    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 class RunDir:
@@ -200,7 +118,7 @@ class RunDir:
             self._metrics_fh.write(json.dumps(row) + "\n")
             self._metrics_fh.flush()
         except OSError as exc:
-            _raise_if_full(exc, self.metrics_path)
+            raise_if_full(exc, self.metrics_path)
             raise
 
     def _metric_lines(self) -> tuple[list[tuple[str, dict[str, Any]]], int]:
@@ -254,7 +172,7 @@ class RunDir:
             try:
                 fh.close()
             except OSError as exc:  # a full disk: the write that failed already raised
-                if _disk_full(exc) is None:
+                if disk_full(exc) is None:
                     raise
 
     # ------------------------------------------------------------------ summary
@@ -390,7 +308,7 @@ def lock_dir(directory: str | Path) -> Iterator[None]:
         yield
         return
     directory = Path(directory)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _file_mode())
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, file_mode())
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -433,23 +351,6 @@ class _RunLogHandler(logging.FileHandler):
             super().close()
         except OSError:
             self.broken = True
-
-
-def read_summary_file(path: str | Path) -> dict[str, Any]:
-    """A summary.json as a dict; ``ValueError`` naming the file when it is not UTF-8 JSON of a mapping."""
-    path = Path(path)
-    fix = "delete it to rerun the run (metakd train --resume RUN_DIR), or restore it"
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); {fix}"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a run summary; {fix}")
-    return data
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,19 +6,12 @@ training (the test accuracy is recorded, never used to choose). The samplers, pr
 storage are Optuna's (``GridSampler``, ``RandomSampler``, ``TPESampler``; ``MedianPruner``,
 ``SuccessiveHalvingPruner`` on the validation accuracy reported at each evaluation).
 
-Search space (:class:`SearchSpace`), from ``meta.params``:
-
-- ``share`` (default): s = β1/(β1+β2) with β1 = s, β2 = 1 − s, s log-uniform on [0.01, 0.99], and T
-  uniform on the temperature's (lo, hi) range, kept 0.1 % of the range inside its open bounds;
-- ``raw``: every scalar metaparameter uniform on its own (lo, hi) range (the same margin).
+The search space (``share`` or ``raw``, from ``meta.params``) is :mod:`metakd.runs.search_space`;
+the storage, samplers, pruners and recovery of dead workers' trials are :mod:`metakd.runs.study`.
 
 Resume: rerunning the same search continues its study — finished trials are kept; a trial left
 ``RUNNING`` by a dead process on this host is marked failed and rerun (its run directory resumes from
-its last checkpoint). Studies may be shared by several processes or machines through the storage
-URL: the default SQLite file ``<study>/study.db``, an RDB server (``postgresql://...``,
-``mysql://...``; Optuna's heartbeat marks trials of dead workers on any machine failed), or a journal
-file (``journal:PATH`` or a path ending in ``.journal``: Optuna's ``JournalStorage``, for file
-systems where SQLite locking is unreliable, e.g. NFS).
+its last checkpoint).
 """
 
 from __future__ import annotations
@@ -27,20 +20,28 @@ import json
 import math
 import os
 import platform
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metakd.config import Config, ConfigError, MetaParamSpec, config_to_dict
+from metakd.config import Config, ConfigError, config_to_dict
 from metakd.runs.rundir import _diff_keys, _with_current_defaults, atomic_write_text
-from metakd.training.trainer import Callback
+from metakd.runs.search_space import Dim, SearchSpace, parse_grid
+from metakd.runs.study import (
+    PRUNERS,
+    SAMPLERS,
+    Pruning,
+    exists,
+    make_pruner,
+    make_sampler,
+    recover,
+    storage_for,
+)
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = [
+__all__ = [  # the space and the Optuna plumbing are re-exported: search_space.py, study.py
     "PRUNERS",
     "SAMPLERS",
     "Dim",
@@ -50,230 +51,9 @@ __all__ = [
     "storage_for",
 ]
 
-SAMPLERS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "halving")
-SHARE_RANGE = (0.01, 0.99)
-_MARGIN = 1e-3  # keep sampled values inside a sigmoid constraint's open range
 
 TrainFn = Callable[..., dict]
 CallbacksFactory = Callable[[Config, Path], list]
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One searched dimension: a float on [lo, hi] (log scale when ``log``)."""
-
-    lo: float
-    hi: float
-    log: bool = False
-
-
-def _inner(spec: MetaParamSpec, name: str) -> tuple[float, float]:
-    if spec.constraint != "sigmoid" or spec.shape:
-        raise ConfigError(
-            f"metaparameter {name!r} needs a scalar sigmoid constraint (a bounded range) to be "
-            f"searched, got constraint {spec.constraint!r} shape {spec.shape}; set "
-            f"meta.params.{name}.constraint=sigmoid with lo/hi"
-        )
-    pad = _MARGIN * (spec.hi - spec.lo)
-    return spec.lo + pad, spec.hi - pad
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Searched dimensions and their map to ``meta.values`` (constrained λ)."""
-
-    mode: str
-    dims: dict[str, Dim] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, cfg: Config, mode: str = "share") -> SearchSpace:
-        params = cfg.meta.params
-        if mode == "share":
-            missing = [n for n in ("beta1", "beta2", "temperature") if n not in params]
-            if missing or len(params) != 3:
-                raise ConfigError(
-                    f"--space share searches β1/(β1+β2) and T, but meta.params has "
-                    f"{sorted(params)}; use --space raw to search each metaparameter"
-                )
-            for name in ("beta1", "beta2"):
-                lo, hi = _inner(params[name], name)
-                if not (lo <= 1 - SHARE_RANGE[1] and hi >= SHARE_RANGE[1]):
-                    raise ConfigError(
-                        f"--space share sets β1 = s, β2 = 1 - s for s in {list(SHARE_RANGE)}, "
-                        f"outside meta.params.{name}'s range ({params[name].lo}, "
-                        f"{params[name].hi}); use --space raw"
-                    )
-            t_lo, t_hi = _inner(params["temperature"], "temperature")
-            return cls("share", {"beta1_share": Dim(*SHARE_RANGE, log=True),
-                                 "temperature": Dim(t_lo, t_hi)})  # fmt: skip
-        if mode == "raw":
-            return cls("raw", {n: Dim(*_inner(s, n)) for n, s in params.items()})
-        raise ConfigError(f"unknown search space {mode!r}; choose share or raw")
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        """The trial's point in the searched dimensions."""
-        return {
-            n: float(trial.suggest_float(n, d.lo, d.hi, log=d.log)) for n, d in self.dims.items()
-        }
-
-    def values(self, params: Mapping[str, float]) -> dict[str, float]:
-        """``meta.values`` (β1, β2, T) of a searched point."""
-        if self.mode == "share":
-            s = float(params["beta1_share"])
-            return {"beta1": s, "beta2": 1.0 - s, "temperature": float(params["temperature"])}
-        return {n: float(v) for n, v in params.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "dims": {n: vars(d) for n, d in self.dims.items()}}
-
-
-def parse_grid(items: Sequence[str], space: SearchSpace) -> dict[str, list[float]]:
-    """``["beta1_share=0.01,0.1,0.5", "temperature=1,4,8"]`` → ``{name: values}``; every searched
-    dimension needs values inside its range."""
-    grid: dict[str, list[float]] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name = name.strip()
-        if not sep or not text.strip():
-            raise ConfigError(f"--grid {item!r} is not NAME=V1,V2,... (e.g. temperature=1,4,8)")
-        if name not in space.dims:
-            raise ConfigError(
-                f"--grid names {name!r}, not a searched dimension {sorted(space.dims)} "
-                f"(--space {space.mode})"
-            )
-        try:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--grid {item!r}: values must be numbers") from None
-        d = space.dims[name]
-        bad = [v for v in values if not d.lo <= v <= d.hi]
-        if bad:
-            raise ConfigError(f"--grid {name}: {bad} outside the range [{d.lo:g}, {d.hi:g}]")
-        grid[name] = values
-    missing = sorted(set(space.dims) - set(grid))
-    if missing:
-        raise ConfigError(f"--grid needs values for every searched dimension; missing {missing}")
-    return grid
-
-
-def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
-    """An Optuna storage: None → SQLite ``<study_dir>/study.db``; ``journal:PATH`` or ``*.journal``
-    → ``JournalStorage`` on that file; any other URL → ``RDBStorage`` (with a heartbeat)."""
-    import optuna
-
-    if url is None:
-        url = f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    if url.startswith("journal:") or url.endswith(".journal"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
-
-        backend = JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
-
-
-def _sampler(kind: str, grid: Mapping[str, list[float]] | None, seed: int, trials: int) -> Any:
-    import optuna
-
-    if kind == "grid":
-        if not grid:
-            raise ConfigError("--sampler grid needs --grid NAME=V1,V2,... for each dimension")
-        return optuna.samplers.GridSampler(dict(grid), seed=seed)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Optuna's default of 10 random start-up trials would make an 8-trial TPE random search
-            return optuna.samplers.TPESampler(
-                n_startup_trials=max(3, trials // 4), multivariate=True, seed=seed
-            )
-    raise ConfigError(f"unknown sampler {kind!r}; choose from {list(SAMPLERS)}")
-
-
-def _pruner(kind: str) -> Any:
-    import optuna
-
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    raise ConfigError(f"unknown pruner {kind!r}; choose from {list(PRUNERS)}")
-
-
-class _Pruning(Callback):
-    """Reports the validation accuracy of each evaluation to the trial; raises ``TrialPruned`` when
-    the pruner says so (the run directory keeps its checkpoints and metrics)."""
-
-    def __init__(self, trial: optuna.Trial) -> None:
-        self.trial = trial
-        self.t0 = self.c0 = 0.0
-        self.step = 0
-
-    def on_run_start(self, cfg: Config, run_dir: Path | None, info: Mapping[str, Any]) -> None:
-        import time
-
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-    def on_eval(self, row: Mapping[str, Any]) -> None:
-        import optuna
-
-        self.step = int(row.get("step", 0))
-        val = row.get("val_accuracy")
-        if val is None:
-            return
-        self.trial.report(float(val), self.step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {self.step} (val accuracy {val:.4f})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
-    """Mark trials left RUNNING by dead processes of this host failed; for random/TPE enqueue the
-    point of each interrupted (not errored) failed trial that no other trial holds (the grid sampler
-    re-picks unfinished grid points itself). Returns the numbers of the trials marked failed."""
-    from optuna.trial import TrialState
-
-    host = platform.node()
-    marked = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        pid = worker.get("pid")
-        if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            marked.append(t.number)
-    if kind == "grid":
-        return marked
-    trials = study.get_trials(deepcopy=False)
-    held = [
-        t.params for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
-                       TrialState.WAITING)
-    ]  # fmt: skip
-    for t in trials:
-        interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
-        if interrupted and t.params and t.params not in held:
-            study.enqueue_trial(t.params)
-            held.append(t.params)
-    return marked
 
 
 def _trial_config(cfg: Config, values: Mapping[str, float], run_dir: Path, label: str) -> Config:
@@ -332,7 +112,7 @@ def run_search(
 ) -> dict[str, Any]:
     """Run (or continue) a search study in ``out_dir`` until it holds ``trials`` finished trials
     (complete or pruned), retrain its validation-best λ on ``retrain_seeds``, and write
-    ``results.json``/``results.md``/``trials.csv`` there (:mod:`metakd.runs.search_report`). Returns the
+    ``results.json``/``results.md``/``trials.csv`` there (:mod:`metakd.runs.search_results`). Returns the
     results. ``worker`` offsets the sampler seed: parallel processes sharing a study pass distinct
     values so random/TPE draws differ; ``train_fn`` defaults to :func:`metakd.runs.run.train_run`.
     ``import_results``: a study directory or ``results.json`` whose trials (and the retrains of its
@@ -341,7 +121,7 @@ def run_search(
     (``cfg.seed``) is the best trial's run itself (the same fixed-λ run), not a second one."""
     import optuna
 
-    from metakd.runs import search_report, search_resume
+    from metakd.runs import search_results, search_resume
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
@@ -363,12 +143,12 @@ def run_search(
     store = storage_for(storage, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or out.resolve().name
-    probe = optuna.load_study(study_name=name, storage=store) if _exists(store, name) else None
+    probe = optuna.load_study(study_name=name, storage=store) if exists(store, name) else None
     if report is not None:
         if probe is None:
             probe = optuna.create_study(study_name=name, storage=store, direction="maximize",
                                         load_if_exists=True)  # fmt: skip
-        grid_sampler = _sampler(sampler, grid_values, sampler_seed, trials)
+        grid_sampler = make_sampler(sampler, grid_values, sampler_seed, trials)
         search_resume.import_trials(probe, report, sp, sampler, grid_sampler, out)
     n_before = len(probe.trials) if probe is not None else 0
     # Random/TPE: a resumed or parallel process draws from another seed, or it would repeat the
@@ -379,10 +159,10 @@ def run_search(
         seed += 1_000_003 * n_before + 7919 * worker
     study = optuna.create_study(
         study_name=name, storage=store, direction="maximize", load_if_exists=True,
-        sampler=_sampler(sampler, grid_values, seed, trials), pruner=_pruner(pruner),
+        sampler=make_sampler(sampler, grid_values, seed, trials), pruner=make_pruner(pruner),
     )  # fmt: skip
     study.set_user_attr("metric", "val_accuracy (final evaluation)")
-    _recover(study, store, sampler)
+    recover(study, store, sampler)
 
     from optuna.trial import TrialState
 
@@ -398,7 +178,7 @@ def run_search(
         trial.set_user_attr("values", values)
         tcfg = _trial_config(cfg, values, run_dir, f"search-{sampler}")
         summary = _read_summary(run_dir)
-        pr = _Pruning(trial)
+        pr = Pruning(trial)
         if summary is None:
             cbs = list(callbacks_factory(tcfg, run_dir)) if callbacks_factory else []
             resume = (run_dir / "config.yaml").is_file()
@@ -427,12 +207,12 @@ def run_search(
         return float(val)
 
     def current(*_: Any) -> dict[str, Any]:
-        return search_report.study_results(study, out, sampler=sampler, space=sp, pruner=pruner,
+        return search_results.study_results(study, out, sampler=sampler, space=sp, pruner=pruner,
                                            budget=trials)  # fmt: skip
 
     def write(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in counted:  # a long study's report is current after every trial
-            search_report.write_results(out, current())
+            search_results.write_results(out, current())
 
     done = len(study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING)))
     if done < trials:
@@ -443,12 +223,8 @@ def run_search(
         known = search_resume.known_rows(report, trial=int(results["best"]["number"]))
         results["retrain"] = _retrain(cfg, results, retrain_seeds, out, train,
                                       callbacks_factory, known)  # fmt: skip
-    search_report.write_results(out, results)
+    search_results.write_results(out, results)
     return results
-
-
-def _exists(store: Any, name: str) -> bool:
-    return any(s.study_name == name for s in store.get_all_studies())
 
 
 def _check_settings(out: Path, cfg: Config, sampler: str, sp: SearchSpace,

@@ -49,7 +49,7 @@ from metakd.training.methods.forecast import Forecast
 from metakd.training.methods.implicit import Implicit
 from metakd.training.methods.lookahead import LookAhead
 from metakd.training.methods.online import Online
-from metakd.training.methods.registry import available, get, register
+from metakd.training.methods.registry import available, check_name, get, register
 from metakd.training.methods.schedules import Continuous, Frozen, MetaSchedule
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ __all__ = [
     "Online",
     "available",
     "build_schedule",
+    "check_name",
     "compiled",
     "forecast",
     "get",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from metakd.config import ConfigError
+from metakd.training.methods import registry
 
 if TYPE_CHECKING:
     from metakd.data.batches import Batch
@@ -54,8 +55,6 @@ class HypergradMethod:
     def check_metaparams(self, settings: str = "") -> None:
         """ConfigError (one line, naming the methods that can) when ``meta.params`` binds an optimizer
         hyperparameter this method does not differentiate; ``settings`` names the config that limits it."""
-        from metakd.training.methods import registry
-
         lacking = [n for n in self.trainer.binding.names if n not in self.optimizer_metaparams]
         if not lacking:
             return

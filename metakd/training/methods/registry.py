@@ -4,8 +4,8 @@ Built-ins register themselves when :mod:`metakd.training.methods` is imported (`
 ``finite-difference``: :class:`~metakd.training.methods.lookahead.LookAhead`; ``online``:
 :class:`~metakd.training.methods.online.Online`). A user's method enters by :func:`register` or as a
 ``"package.module:ClassName"`` import path in the config. Duplicate keys are refused; a miss lists
-the valid keys. This module imports nothing from metakd at import time (the config validates names
-against it).
+the valid keys. The built-ins are always registered when this module is used: importing it runs
+``metakd/training/methods/__init__.py`` first, which imports every built-in method's module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from metakd import plugins
 
 __all__ = ["available", "check_name", "get", "register"]
 
@@ -28,27 +30,20 @@ def register(*names: str) -> Callable[[_T], _T]:
     """
     if not names:
         raise ValueError("register() needs at least one method name, e.g. @register('implicit')")
-    from metakd import plugins  # at call time: this module imports nothing from metakd at import
-
     return plugins.registrar(
         _REGISTRY, names, kind="hypergradient method",
         builtin=lambda module: module.startswith("metakd.training.methods."),
     )  # fmt: skip
 
 
-def _load_builtins() -> None:
-    import metakd.training.methods  # noqa: F401  (its imports register the built-ins)
-
-
 def available() -> dict[str, str]:
     """Key → source (``builtin`` or ``registered <module>``), sorted by key."""
-    _load_builtins()
     return dict(sorted((k, src) for k, (_, src) in _REGISTRY.items()))
 
 
 def check_name(name: str) -> str:
     """``name`` if it is a registered key or a ``package.module:ClassName`` path, else ValueError
-    listing the valid keys (used by the config schema)."""
+    listing the valid keys (used by :func:`metakd.runs.config.load_config`)."""
     known = list(available())
     if ":" in name or name in known:
         return name
@@ -62,15 +57,12 @@ def check_name(name: str) -> str:
 
 def get(name: str) -> Any:
     """The class registered under ``name``, or the class at import path ``package.module:ClassName``."""
-    _load_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name][0]
     if ":" not in name:
         check_name(name)
     # Import paths share metakd.plugins with models, forecasters and objectives: the same one-line
     # errors, and a module in the working directory is found without PYTHONPATH=.
-    from metakd import plugins  # at call time: this module imports nothing from metakd at import
-
     return plugins.load_object(
         name,
         kind="hypergradient method",
