@@ -1,0 +1,205 @@
+"""Loading a :class:`~metakd.config.Config`: YAML files, ``key=value`` overrides, one-line errors.
+
+YAML files in ``configs/`` override any subset of the schema's defaults (:mod:`metakd.config`), and
+``key=value`` overrides (dotted keys, values parsed as YAML) override those. :func:`load_config`
+turns pydantic's errors into one line each that names the key, what was expected and the nearest
+valid key when the key is a typo.
+
+Two checks need registries of the training floor, so they live here and not in the schema
+(:func:`resolve`): ``meta.params`` not given defaults to the objective's metaparameters
+(:meth:`metakd.training.objectives.Objective.specs`), and ``meta.hypergrad.method`` must be a
+registered method or an import path (:func:`metakd.training.methods.check_name`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError, config_to_dict
+from metakd.training import methods, objectives
+
+__all__ = ["apply_overrides", "load_config", "resolve", "validate"]
+
+
+def resolve(cfg: Config) -> Config:
+    """``cfg`` with the checks of the training floor's registries applied, in place.
+
+    ``meta.params`` not set explicitly becomes the objective's metaparameters; an unknown
+    ``meta.hypergrad.method`` raises ValueError listing the registered ones."""
+    if "params" not in cfg.meta.model_fields_set:
+        specs = objectives.build(cfg).specs()
+        if specs != cfg.meta.params:
+            cfg.meta.params = specs
+    methods.check_name(cfg.meta.hypergrad.method)
+    return cfg
+
+
+def validate(data: Mapping[str, Any], source: str = "") -> Config:
+    """``Config.model_validate(data)`` then :func:`resolve`; errors as one :class:`ConfigError`
+    line each (``source`` names the file in them)."""
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    try:
+        return resolve(cfg)
+    except ValueError as exc:
+        key = "meta.hypergrad.method" if "hypergradient method" in str(exc) else "objective"
+        where = f" (in {source})" if source else ""
+        raise ConfigError(f"config key {key!r}{where}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, key + "."))
+    return keys
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. meta.unroll=5)"
+            )
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _loc_key(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _format_error(err: Mapping[str, Any], source: str) -> str:
+    key = _loc_key(err["loc"])
+    kind = err["type"]
+    where = f" (in {source})" if source else ""
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.6)
+        if not close:
+            leaf = key.rsplit(".", 1)[-1]
+            leaves = {k.rsplit(".", 1)[-1]: k for k in _valid_keys(Config)}
+            near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.7)
+            close = [leaves[near[0]]] if near else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown config key {key!r}{where}{hint}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    if "got " in msg:  # the validator already shows the bad value
+        shown = ""
+    elif isinstance(value, dict):
+        # a section where a value was expected (``train.lr.x=1``); model-level checks pass the
+        # whole section as input and already say what is wrong
+        shown = "" if kind == "value_error" else f" (got a section with keys {sorted(value)})"
+    else:
+        shown = f" (got {value!r})"
+    return f"config key {key or '<root>'!r}{where}: {msg}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the embedded default when ``path`` is None), apply overrides,
+    validate. Raises :class:`ConfigError` with one line per problem."""
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            hint = (
+                " (a run directory: its config.yaml, or --resume)"
+                if (p / "config.yaml").is_file()
+                else ""
+            )
+            raise ConfigError(
+                f"config file {str(p)!r} is a directory; pass a YAML file such as "
+                f"configs/synthetic.yaml{hint}"
+            )
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass a YAML file such as configs/synthetic.yaml"
+            )
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {source!r} must hold a mapping of keys, got {type(loaded).__name__}"
+            )
+        data = loaded
+    overrides = list(overrides)
+    # The objective is chosen first: its metaparameters are the defaults that meta.params overrides edit.
+    first = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].strip().lstrip("-").split(".")[0] in _OBJECTIVE_KEYS
+    ]
+    if first:
+        apply_overrides(data, first)
+        overrides = [o for o in overrides if o not in first]
+    if overrides:
+        try:
+            base = validate(data, source)
+        except ConfigError:
+            pass  # report the file's and the overrides' problems together below
+        else:
+            # Overrides edit the fully resolved config, so ``meta.params.temperature.lo=0.5``
+            # changes one field of the default spec instead of replacing the whole ``params``.
+            data = config_to_dict(base)
+            _check_new_metaparams(data, overrides)
+    apply_overrides(data, overrides)
+    return validate(data, source)
+
+
+_OBJECTIVE_KEYS = ("objective", "objective_kwargs")
+
+
+def _check_new_metaparams(resolved: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Overrides may not invent metaparameters: ``meta.params.temprature.init=2`` is a typo
+    (new metaparameters are declared in a YAML file); the optimizer's ``lr`` and ``weight_decay``
+    may be added."""
+    known = [*resolved.get("meta", {}).get("params", {}), *OPTIMIZER_METAPARAMS]
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("-")
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[:2] == ["meta", "params"] and parts[2] not in known:
+            close = difflib.get_close_matches(parts[2], known, n=1, cutoff=0.6)
+            hint = f"; did you mean 'meta.params.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown metaparameter {parts[2]!r} in override {item!r} (known: {known}){hint}"
+                " New metaparameters are declared in a YAML config file."
+            )
