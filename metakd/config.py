@@ -176,6 +176,35 @@ class TrainConfig(_Strict):
         # YAML 1.1 reads a bare on/off as a boolean (``train.compile=off`` on the command line too)
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
+    # the student's lr schedule γ_t = γ·f(t), on the real optimizer and its twin in every unroll
+    # (metakd.functional.schedules.LrSchedule)
+    lr_schedule: Literal["constant", "cosine", "multistep"] = Field(
+        default="constant",
+        description="cosine: decay to lr_min_ratio·lr at the last step; multistep: ×lr_gamma at each "
+        "of lr_milestones (epochs)",
+    )
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="multistep: epochs at which the lr is multiplied by lr_gamma"
+    )
+    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    lr_min_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine: floor as a share of lr")
+    lr_warmup_epochs: float = Field(
+        default=0.0, ge=0, description="linear warm-up from lr_warmup_start·lr over these epochs"
+    )
+    lr_warmup_start: float = Field(default=0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        m = self.lr_milestones
+        if m != sorted(set(m)) or any(e < 1 for e in m):
+            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {m}")
+        if self.lr_schedule == "multistep" and not m:
+            raise ValueError("lr_schedule=multistep needs lr_milestones, e.g. [150, 180, 210]")
+        if self.lr_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"lr_warmup_epochs={self.lr_warmup_epochs} must be below epochs={self.epochs}"
+            )
+        return self
 
 class ImplicitConfig(_Strict):
     """meta.hypergrad.method=implicit: the IFT solve (metakd.hypergrad.implicit.ImplicitSolver)."""

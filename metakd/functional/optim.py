@@ -88,6 +88,15 @@ def _resolve(h: Hyper, meta: Mapping[str, Tensor] | None) -> float | Tensor:
     return h(meta)
 
 
+def _factor(schedule: Callable[[int], float] | None, step: Any) -> float:
+    """The learning-rate factor of update ``step`` (1.0 without a schedule)."""
+    if schedule is None:
+        return 1.0
+    if isinstance(step, Tensor):
+        raise ValueError("an lr schedule needs an integer step counter (not a compiled step)")
+    return float(schedule(int(step)))
+
+
 class InnerOptimizer(NamedTuple):
     """A pure optimizer: ``init(params) -> state``; ``update_tuple(grads, state, params, meta)``.
 
@@ -126,7 +135,11 @@ class InnerOptimizer(NamedTuple):
     @property
     def meta_dependent(self) -> bool:
         """True when a hyperparameter is a metaparameter (then it has a hypergradient too)."""
-        return any(not isinstance(v, (int, float, bool, tuple)) for v in self.hparams.values())
+        return any(
+            not isinstance(v, (int, float, bool, tuple))
+            for k, v in self.hparams.items()
+            if k != "schedule" and v is not None
+        )
 
 
 def _check(name: str, value: Hyper, lo: float = 0.0, strict: bool = False) -> None:
@@ -141,8 +154,13 @@ def sgd(
     nesterov: bool = False,
     dampening: float = 0.0,
     weight_decay: Hyper = 0.0,
+    schedule: Callable[[int], float] | None = None,
 ) -> InnerOptimizer:
-    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``."""
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``.
+
+    ``schedule``: the learning rate of update t (t = ``state.step``, updates done so far) is
+    lr·schedule(t) (:class:`metakd.functional.schedules.LrSchedule`), as a torch optimizer whose
+    ``lr`` is set to that before each step."""
     _check("lr", lr, strict=True)
     _check("momentum", momentum)
     _check("weight_decay", weight_decay)
@@ -159,7 +177,10 @@ def sgd(
         params: Sequence[Tensor],
         meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], SgdState]:
-        g_lr, g_wd = _resolve(lr, meta), _resolve(weight_decay, meta)
+        g_lr, g_wd = (
+            _resolve(lr, meta) * _factor(schedule, state.step),
+            _resolve(weight_decay, meta),
+        )
         g: list[Tensor] = list(grads)
         if isinstance(g_lr, float) and isinstance(g_wd, float):
             if g_wd:
@@ -193,8 +214,8 @@ def sgd(
             g = [gi + momentum * bi for gi, bi in zip(g, b)] if nesterov else b
         return tuple(p - g_lr * gi for p, gi in zip(params, g)), SgdState(state.step + 1, bufs)
 
-    hp = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "dampening": dampening}
-    hp["weight_decay"] = weight_decay
+    hp: dict[str, Any] = {"lr": lr, "momentum": momentum, "nesterov": nesterov}
+    hp.update(dampening=dampening, weight_decay=weight_decay, schedule=schedule)
     return InnerOptimizer("sgd", hp, init, update)
 
 
@@ -204,8 +225,10 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: Hyper = 0.0,
+    schedule: Callable[[int], float] | None = None,
 ) -> InnerOptimizer:
-    """Adam with L2 weight decay, as ``torch.optim.Adam`` (``amsgrad=False``)."""
+    """Adam with L2 weight decay, as ``torch.optim.Adam`` (``amsgrad=False``); ``schedule`` as
+    :func:`sgd`'s (update t = ``state.step`` uses lr·schedule(t))."""
     _check("lr", lr, strict=True)
     _check("eps", eps)
     _check("weight_decay", weight_decay)
@@ -226,7 +249,10 @@ def adam(
         params: Sequence[Tensor],
         meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], AdamState]:
-        g_lr, g_wd = _resolve(lr, meta), _resolve(weight_decay, meta)
+        g_lr, g_wd = (
+            _resolve(lr, meta) * _factor(schedule, state.step),
+            _resolve(weight_decay, meta),
+        )
         t = state.step + 1  # an int, or a 0-dim float64 tensor inside a compiled step
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         g: list[Tensor] = list(grads)
@@ -255,7 +281,8 @@ def adam(
         )
         return new2, AdamState(t, tuple(m2), tuple(v2))
 
-    hp = {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay}
+    hp: dict[str, Any] = {"lr": lr, "betas": (b1, b2), "eps": eps, "weight_decay": weight_decay}
+    hp["schedule"] = schedule
     return InnerOptimizer("adam", hp, init, update)
 
 
@@ -273,12 +300,17 @@ def _single_group(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def from_torch(
-    opt: torch.optim.Optimizer, named_params: Mapping[str, Tensor]
+    opt: torch.optim.Optimizer,
+    named_params: Mapping[str, Tensor],
+    *,
+    steps_done: int | None = None,
 ) -> tuple[InnerOptimizer, State]:
     """The functional twin of a live ``torch.optim.SGD``/``Adam`` and a detached copy of its state.
 
     ``named_params`` maps names to the very tensors the optimizer holds (``dict(model.named_parameters())``),
-    so a hypergradient unroll can start from the real training state.
+    so a hypergradient unroll can start from the real training state. ``steps_done``: updates the
+    optimizer has taken (torch keeps no counter for SGD; an lr schedule of the twin reads it from
+    the state's ``step``); Adam's comes from its own state.
     """
     group = _single_group(opt)
     lr = float(group["lr"])
@@ -297,8 +329,11 @@ def from_torch(
         if group["momentum"]:
             bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in tensors]
             if all(b is not None for b in bufs):
-                steps = 1  # torch keeps no counter for SGD; a buffer means at least one step
+                # torch keeps no counter for SGD; a buffer means at least one step
+                steps = max(1, steps_done or 0)
                 state = SgdState(steps, tuple(b.detach().clone() for b in bufs))  # type: ignore[union-attr]
+        elif steps_done:
+            state = SgdState(steps_done, ())
         return inner, state
     if isinstance(opt, torch.optim.Adam):
         if group.get("amsgrad") or group.get("maximize") or group.get("decoupled_weight_decay"):

@@ -126,6 +126,10 @@ def _torchopt_transform(opt: _optim.InnerOptimizer) -> Any:
     import torchopt
 
     hp = opt.hparams
+    if hp.get("schedule") is not None:
+        raise ValueError(
+            "backend='torchopt' does not follow an lr schedule (train.lr_schedule); use backend='func'"
+        )
     if opt.meta_dependent:
         raise ValueError(
             "backend='torchopt' needs numeric optimizer hyperparameters; use backend='func' "
@@ -226,6 +230,10 @@ def _reverse_higher(
         import higher
 
     hp = opt.hparams
+    if hp.get("schedule") is not None:
+        raise ValueError(
+            "backend='higher' does not follow an lr schedule (train.lr_schedule); use backend='func'"
+        )
     if opt.meta_dependent:
         raise ValueError(
             "backend='higher' needs numeric optimizer hyperparameters; use backend='func' instead"

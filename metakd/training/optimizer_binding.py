@@ -11,11 +11,16 @@ real student optimizer (``train.optimizer``). Both sides use the same value λ =
 
 Bound metaparameters are scalars (one value for all parameter groups); ``train.lr`` /
 ``train.weight_decay`` only fill the optimizer until the first real step sets the learned value.
+
+A student lr schedule (``train.lr_schedule``, ``lr_warmup_epochs``; :mod:`metakd.functional.schedules`)
+multiplies the learning rate — ``train.lr`` or the learned one — by f(t) on both sides: :meth:`apply`
+sets ``γ·f(t)`` before real update t, and the twin gets ``schedule=f`` with the state's step counter at
+t (the trainer's step), so update t + k of an unroll uses f(t + k) exactly as the real steps will.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,9 +36,20 @@ _FOREACH_MIN_TENSORS = 4
 
 
 class OptimizerBinding:
-    """The metaparameters of ``specs`` bound to the student optimizer (``names``; maybe none)."""
+    """The metaparameters of ``specs`` bound to the student optimizer (``names``; maybe none), and the
+    student's lr ``schedule`` f(t) (None: none) around the base learning rate ``lr``."""
 
-    def __init__(self, specs: Mapping[str, MetaParamSpec]) -> None:
+    def __init__(
+        self,
+        specs: Mapping[str, MetaParamSpec],
+        *,
+        lr: float | None = None,
+        schedule: Callable[[int], float] | None = None,
+    ) -> None:
+        if schedule is not None and lr is None:
+            raise ValueError("an lr schedule needs the base learning rate lr (train.lr)")
+        self.lr = lr
+        self.schedule = schedule
         self.specs = {n: specs[n] for n in OPTIMIZER_METAPARAMS if n in specs}
         for name, spec in self.specs.items():
             if spec.shape:
@@ -51,31 +67,42 @@ class OptimizerBinding:
         return lambda raw: constrain(raw[name], spec)
 
     def functional(
-        self, opt: torch.optim.Optimizer, named_params: Mapping[str, Tensor]
+        self, opt: torch.optim.Optimizer, named_params: Mapping[str, Tensor], step: int = 0
     ) -> tuple[optim.InnerOptimizer, Any]:
-        """:func:`metakd.functional.optim.from_torch` with the bound hyperparameters as functions of raw λ."""
-        inner, state = optim.from_torch(opt, named_params)
-        if not self.specs:
+        """:func:`metakd.functional.optim.from_torch` with the bound hyperparameters as functions of raw λ
+        and the lr schedule from update ``step`` on (``step``: real updates done so far)."""
+        inner, state = optim.from_torch(opt, named_params, steps_done=step)
+        if not self.specs and self.schedule is None:
             return inner, state
         hp = dict(inner.hparams)
+        if self.schedule is not None:
+            hp["lr"] = self.lr  # the group's lr is γ·f(t - 1) of the last step: start from γ
         for name in self.specs:
             hp[name] = self._hyper(name)
         if inner.name == "sgd":
             bound = optim.sgd(
                 hp["lr"], hp["momentum"], nesterov=hp["nesterov"], dampening=hp["dampening"],
-                weight_decay=hp["weight_decay"],
+                weight_decay=hp["weight_decay"], schedule=self.schedule,
             )  # fmt: skip
         else:
-            bound = optim.adam(hp["lr"], hp["betas"], hp["eps"], weight_decay=hp["weight_decay"])
+            bound = optim.adam(
+                hp["lr"], hp["betas"], hp["eps"], weight_decay=hp["weight_decay"],
+                schedule=self.schedule,
+            )  # fmt: skip
         return bound, state
 
     @torch.no_grad()
-    def apply(self, opt: torch.optim.Optimizer, values: Mapping[str, Any]) -> None:
-        """Set the torch optimizer's bound hyperparameters to the constrained ``values``."""
+    def apply(self, opt: torch.optim.Optimizer, values: Mapping[str, Any], step: int = 0) -> None:
+        """Set the torch optimizer's bound hyperparameters to the constrained ``values``, and its lr to
+        γ·f(step) under a schedule (γ: the learned ``lr`` or ``train.lr``), before real update ``step``."""
         for name in self.specs:
             v = float(values[name])
             for group in opt.param_groups:
                 group[name] = v
+        if self.schedule is not None:
+            base = float(values["lr"]) if "lr" in self.specs else float(self.lr)  # type: ignore[arg-type]
+            for group in opt.param_groups:
+                group["lr"] = base * self.schedule(step)
 
 
 def torch_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:

@@ -41,7 +41,9 @@ from metakd.data.batches import Batch, BatchStream
 from metakd.functional import losses, optim
 from metakd.functional.nn import FunctionalModel
 from metakd.training import objectives
+from metakd.functional.schedules import LrSchedule
 from metakd.training.callbacks import Callback
+from metakd.training.bounds import BoundWatch
 from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.training.optimizer_binding import OptimizerBinding, torch_optimizer
@@ -103,7 +105,17 @@ class Trainer:
             if self.method == "baseline"
             else init_meta(cfg, self.objective, splits, self.device)
         )
-        self.binding = OptimizerBinding(self.meta.specs if self.meta is not None else {})
+        tc = cfg.train
+        schedule = LrSchedule.of(
+            tc.lr_schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            milestones=tc.lr_milestones, gamma=tc.lr_gamma, min_ratio=tc.lr_min_ratio,
+            warmup_epochs=tc.lr_warmup_epochs, warmup_start=tc.lr_warmup_start,
+        )  # fmt: skip
+        self.binding = OptimizerBinding(
+            self.meta.specs if self.meta is not None else {},
+            lr=tc.lr,
+            schedule=None if schedule.trivial else schedule,
+        )
         self._vector = MetaVector(self.meta) if self.meta is not None else None
         self.meta_opt = meta_optimizer(cfg, self.meta) if self.method in _META_METHODS else None
         self._plain_meta_sgd = cfg.meta.optimizer == "sgd" and cfg.meta.momentum == 0
@@ -112,6 +124,12 @@ class Trainer:
         self.schedule: MetaSchedule = build_schedule(self)
         self.step = 0
         self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
+        # a warning when a metaparameter sits at its bound for a tenth of the run (metakd.training.bounds)
+        self.bounds = (
+            BoundWatch(self.meta.specs, self.total_steps // cfg.meta.every)
+            if self.meta is not None and self.method in _META_METHODS
+            else None
+        )
         self.wall_base = 0.0
         self.last_eval: dict[str, float] = {}
         self.best = {"val_accuracy": -math.inf, "test_accuracy": -math.inf}
@@ -159,7 +177,9 @@ class Trainer:
     def inner_optimizer(self) -> tuple[optim.InnerOptimizer, Any]:
         """The functional twin of the real optimizer and its current state, with ``meta.params.lr`` /
         ``weight_decay`` bound to raw λ (:mod:`metakd.training.optimizer_binding`): what unrolls differentiate."""
-        return self.binding.functional(self.optimizer, dict(self.model.named_parameters()))
+        return self.binding.functional(
+            self.optimizer, dict(self.model.named_parameters()), self.step
+        )
 
     def batch(self, step: int) -> Batch:
         """The train batch (x, y, teacher logits) of 0-based ``step``."""
@@ -198,6 +218,9 @@ class Trainer:
             if (
                 self.counters["skipped_meta_steps"] in (1, 10, 100)
                 or self.counters["skipped_meta_steps"] % 1000 == 0
+            if self.bounds is not None:
+                for message in self.bounds.update(self.meta.raw):  # type: ignore[union-attr]
+                    log.warning(message)
             ):
                 log.warning(
                     "non-finite hypergradient at step %d; meta step skipped (%d so far)",
@@ -278,7 +301,8 @@ class Trainer:
         x, y, t = batch
         with torch.no_grad():
             lam = self.lambdas()
-        self.binding.apply(self.optimizer, lam)  # a learned lr / weight decay drives the real step
+        # a learned lr / weight decay, and the lr schedule's f(step), drive the real step
+        self.binding.apply(self.optimizer, lam, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model(x), y, t, lam)
         value = float(loss.detach())

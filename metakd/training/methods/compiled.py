@@ -69,6 +69,8 @@ def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
         return "hypergrad.unroll_optimizer=sgd is not compiled"
     if trainer.binding.names:
         return "a metaparameter-valued optimizer hyperparameter (meta.params.lr/weight_decay)"
+    if trainer.binding.schedule is not None:
+        return "a student lr schedule (train.lr_schedule / lr_warmup_epochs)"
     if next(trainer.model.buffers(), None) is not None:
         return "the student has buffers (BatchNorm statistics): eager keeps their exact update"
     opt = trainer.optimizer

@@ -116,7 +116,7 @@ class Online(HypergradMethod):
         opt.zero_grad(set_to_none=True)
         if math.isfinite(loss):
             with torch.no_grad():  # a learned lr / weight decay drives the real step
-                self.trainer.binding.apply(opt, self.trainer.lambdas())
+                self.trainer.binding.apply(opt, self.trainer.lambdas(), self.trainer.step)
             for name, p in self.trainer.model.named_parameters():
                 p.grad = grads[name]
             opt.step()
