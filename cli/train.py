@@ -115,6 +115,13 @@ def train(
             help="Continue the run in --out (or RUN_DIR) from its newest good checkpoint.",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the run already in --out (checkpoints, summary) and start it over.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
@@ -134,6 +141,10 @@ def train(
     console = _setup_logging(quiet)
     run_dir: list[Path] = []  # filled as soon as it is known, for the error messages
     with _user_errors(run_dir):
+        if resume and overwrite:
+            raise ConfigError(
+                "--resume continues the run in --out and --overwrite deletes it: pass one"
+            )
         args, out = _resolve_resume(args, out, resume)
         cfg = load_cli_config(args, seed=seed, device=device, out=out, wandb=wandb)
         if cfg.out is not None:
@@ -149,7 +160,8 @@ def train(
         tracker = WandbCallback(cfg, cfg.out, quiet=quiet)
         ok = False
         try:
-            summary = train_run(cfg, cfg.out, resume=resume, callbacks=[progress, tracker])
+            more = {"overwrite": True} if overwrite else {}
+            summary = train_run(cfg, cfg.out, resume=resume, callbacks=[progress, tracker], **more)
             ok = True
         finally:
             progress.close()

@@ -1,6 +1,7 @@
 """The metakd pipeline: a short hypergradient *finder* run, then a fixed-λ retrain at the λ it found.
 
-Per seed s (resumable: a finished run is kept, a started one resumes from its checkpoint)::
+Per seed s (resumable: a finished run is kept — one killed while the ledger priced it is resumed to
+get its ``cost`` — and a started one resumes from its checkpoint)::
 
     <out>/finder/seed-<s>/    the config's meta.method (hypergrad or forecast) for finder_epochs
     <out>/retrain/seed-<s>/   meta.method=fixed at the finder's final constrained λ, train.epochs
@@ -102,11 +103,15 @@ def run_pipeline(
 
     def run(run_cfg: Config, run_dir: Path, label: str) -> dict[str, Any]:
         summary = _done(run_dir)
-        if summary is not None:
+        if summary is not None and "cost" in summary:
             if say:
                 say(f"{label}: finished, kept ({run_dir})")
             return summary
         cbs = list(callbacks_factory(run_cfg, run_dir)) if callbacks_factory else []
+        if summary is not None:  # killed in the ledger's calibration: the resume prices it
+            if say:
+                say(f"{label}: finished without its cost, computing it ({run_dir})")
+            return train(run_cfg, run_dir, resume=True, callbacks=cbs)
         if say:
             say(f"{label}: running in {run_dir}")
         return train(run_cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), callbacks=cbs)

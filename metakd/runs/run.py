@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import metakd
-from metakd.config import Config
+from metakd.config import Config, ConfigError
 from metakd.data import teacher
 from metakd.runs import ledger
 from metakd.runs.build import (
@@ -40,7 +40,8 @@ from metakd.runs.build import (
 )
 from metakd.runs.check_grad import check_grad
 from metakd.runs.config import load_config
-from metakd.runs.rundir import RunDir
+from metakd.runs.rundir import RunDir, atomic_write_bytes
+from metakd.training.resume_state import CheckpointMismatch
 from metakd.training.trainer import Callback, Trainer
 
 __all__ = [  # the assembling helpers and check_grad are re-exported: their home is build / check_grad
@@ -142,13 +143,18 @@ def train_run(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     command: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train one student as configured; returns the summary (also written to summary.json).
 
     ``run_dir`` (default ``cfg.out``, else ``runs/<name>-<method>-<timestamp>``) receives config.yaml,
     metrics.jsonl, summary.json, checkpoints/ and run.log. ``resume=True`` continues from the newest
-    valid checkpoint there (from the start when there is none). ``command`` is recorded in the summary
-    (default: the command line when run by the ``metakd`` console script).
+    valid checkpoint there (from the start when there is none); a completed run whose summary lacks
+    its ledger entry (``cost``: killed during the calibration) gets it, without training again.
+    A directory that already holds a run (checkpoints, metrics or summary) is refused without
+    ``resume``, unless ``overwrite=True`` starts it over (its checkpoints and summary are deleted).
+    ``command`` is recorded in the summary (default: the command line when run by the ``metakd``
+    console script).
     """
     device = resolve_device(cfg.device)
     path = Path(run_dir if run_dir is not None else cfg.out or default_run_dir(cfg))
@@ -162,16 +168,47 @@ def train_run(
     rd = RunDir(path)
     with rd.lock():  # a second process on the same run directory is refused, naming this PID
         rd.remove_orphans()
-        rd.write_config(cfg, resume=resume)
+        before = rd.config_path.read_bytes() if resume and rd.config_path.is_file() else None
+        rd.write_config(cfg, resume=resume, overwrite=overwrite)
+        if not resume and not overwrite and _holds_a_run(rd):
+            raise ConfigError(
+                f"{rd.path} already holds a run with this config; continue it with --resume, pass "
+                "a new --out DIR, or add --overwrite to delete it and start over"
+            )
         with rd.attach_log(), contextlib.ExitStack() as stack:
             try:
                 return _train(cfg, rd, device, resume, callbacks, command, stack)
+            except CheckpointMismatch:
+                if before is not None:  # the run keeps the config its checkpoints were made with
+                    atomic_write_bytes(rd.config_path, before)
+                raise
             except BaseException as exc:
                 if not isinstance(exc, FloatingPointError):  # _train logged that one already
                     _record_failure(rd, exc)
                 raise
             finally:
                 rd.close()
+
+
+def _holds_a_run(rd: RunDir) -> bool:
+    """Whether starting in ``rd`` would delete a run: its checkpoints, metrics or summary."""
+    return bool(rd.checkpoints()) or rd.metrics_path.exists() or rd.summary_path.exists()
+
+
+def _fill_cost(cfg: Config, rd: RunDir) -> dict[str, Any] | None:
+    """A completed run whose summary has no ledger entry (its process was killed while the ledger
+    calibrated, after the summary was written): the entry is computed and written; the summary,
+    else None (the run is not such a one)."""
+    try:
+        done = rd.read_summary()
+    except ValueError:  # unreadable: the resume rewrites it
+        return None
+    if done is None or done.get("status") != "completed" or "cost" in done:
+        return None
+    log.info("%s is complete but has no cost (interrupted in the ledger); computing it", rd.path)
+    done.update(ledger.run_cost(cfg, done, calibrate=calibrate))
+    rd.write_summary(done)
+    return done
 
 
 def _all_meta_steps_failed(trainer: Trainer) -> str | None:
@@ -206,6 +243,8 @@ def _train(
     cfg: Config, rd: RunDir, device: torch.device, resume: bool, callbacks: Sequence[Callback],
     command: str | None, stack: contextlib.ExitStack,
 ) -> dict[str, Any]:  # fmt: skip
+    if resume and (done := _fill_cost(cfg, rd)) is not None:
+        return done
     ckpt = rd.load_checkpoint(required=("trainer", "rng")) if resume else None
     cpu_base = float(ckpt.get("cpu_seconds", 0.0)) if ckpt is not None else 0.0
     cpu_start: list[float] = []  # process_time() when training started (CPU seconds of the loop)
@@ -213,8 +252,8 @@ def _train(
     def cpu_seconds() -> float:
         return cpu_base + (time.process_time() - cpu_start[0] if cpu_start else 0.0)
 
-    if not resume and (rd.checkpoints() or rd.metrics_path.exists()):
-        log.warning("%s already holds a run with this config; starting it over", rd.path)
+    if not resume and _holds_a_run(rd):  # overwrite=True (train_run refuses it otherwise)
+        log.warning("%s already holds a run; starting it over (--overwrite)", rd.path)
         for p in rd.checkpoints():
             p.unlink()
         rd.summary_path.unlink(missing_ok=True)

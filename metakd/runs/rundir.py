@@ -92,9 +92,10 @@ class RunDir:
         """config.yaml as a mapping (:func:`read_config_file`: refused when empty or unreadable)."""
         return read_config_file(self.config_path)
 
-    def write_config(self, cfg: Config, *, resume: bool = False) -> None:
-        """Write config.yaml; a *different* config already there is refused unless ``resume``, and an
-        unreadable one is always refused (it is the only record of what the run was)."""
+    def write_config(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Write config.yaml; a *different* config already there is refused unless ``resume`` (or
+        ``overwrite``: the run there is started over), and an unreadable one is refused unless
+        ``overwrite`` (it is the only record of what the run was)."""
         text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         if self.config_path.exists():
             old = _with_current_defaults(self.read_config())
@@ -203,9 +204,27 @@ class RunDir:
         return self.checkpoint_dir / f"epoch-{epoch:05d}.pt"
 
     def save_checkpoint(self, state: Mapping[str, Any], epoch: int) -> Path:
-        """Save ``state`` as ``checkpoints/epoch-XXXXX.pt`` atomically; keep it and the previous one."""
+        """Save ``state`` as ``checkpoints/epoch-XXXXX.pt`` atomically; keep it and the previous one.
+
+        Older checkpoints are deleted only once the new one reads back (``weights_only=True``) with
+        all of ``state``'s keys: a write that left an unreadable file (one warning) deletes nothing,
+        so the last good checkpoint is never lost to a bad new one."""
+        import torch  # here, not at the top: the command line imports this module for --help
+
         path = self.checkpoint_path(epoch)
         atomic_torch_save(dict(state), path)
+        try:
+            back = torch.load(path, map_location="cpu", weights_only=True)
+            problem = None if isinstance(back, dict) and set(back) >= set(state) else "not all keys"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {_first_line(exc)}"
+        if problem is not None:
+            self.log.warning(
+                "checkpoint %s does not read back (%s); the older checkpoints are kept",
+                path,
+                problem,
+            )
+            return path
         for old in self.checkpoints()[2:]:
             old.unlink(missing_ok=True)
         return path

@@ -12,20 +12,32 @@ the storage, samplers, pruners and recovery of dead workers' trials are :mod:`me
 Resume: rerunning the same search continues its study — finished trials are kept; a trial left
 ``RUNNING`` by a dead process on this host is marked failed and rerun (its run directory resumes from
 its last checkpoint).
+
+A run directory is reused (its summary taken, or its run resumed) only when it holds this very run:
+its config.yaml equal to the trial's (λ included) and, where it records one (``trial.json``), this
+study. One that another study left there (``study.db`` emptied, another ``--storage``, a copied
+study) is never reused nor overwritten: the trial runs in ``trial-XXXX-2`` (``-3``, ...) instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metakd.config import Config, ConfigError, config_to_dict
-from metakd.runs.rundir import _diff_keys, _with_current_defaults, atomic_write_text
+from metakd.runs.rundir import (
+    _diff_keys,
+    _with_current_defaults,
+    atomic_write_text,
+    read_config_file,
+)
 from metakd.runs.search_space import Dim, SearchSpace, parse_grid
 from metakd.runs.study import (
     PRUNERS,
@@ -55,6 +67,9 @@ __all__ = [  # the space and the Optuna plumbing are re-exported: search_space.p
 TrainFn = Callable[..., dict]
 CallbacksFactory = Callable[[Config, Path], list]
 
+log = logging.getLogger(__name__)
+MARK = "trial.json"  # in a run directory: the study (its uid) that started the run there
+
 
 def _trial_config(cfg: Config, values: Mapping[str, float], run_dir: Path, label: str) -> Config:
     data = config_to_dict(cfg)
@@ -75,20 +90,79 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _run_dir_for(study: optuna.Study, trial: optuna.Trial, params: Mapping[str, float],
-                 root: Path) -> Path:  # fmt: skip
+                 root: Path) -> tuple[Path, set[str]]:  # fmt: skip
     """A failed trial's run directory when this trial reruns its point (to resume it), else
-    ``trials/trial-<number>``."""
+    ``trials/trial-<number>``; and the run directories the study's other trials hold."""
     from optuna.trial import TrialState
 
     taken = {
-        t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False)
+        str(t.user_attrs.get("run_dir")) for t in study.get_trials(deepcopy=False)
         if t.state != TrialState.FAIL and t.number != trial.number
     }  # fmt: skip
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         rd = t.user_attrs.get("run_dir")
         if t.params == dict(params) and rd and rd not in taken:
-            return root / rd
-    return root / "trials" / f"trial-{trial.number:04d}"
+            return root / rd, taken
+    return root / "trials" / f"trial-{trial.number:04d}", taken
+
+
+def _study_uid(study: optuna.Study) -> str:
+    """The study's identity (a study user attribute, set by its first process): a study made anew
+    under the same name (an emptied ``study.db``) has another."""
+    uid = study.user_attrs.get("uid")
+    if not uid:
+        study.set_user_attr("uid", uuid.uuid4().hex)
+        uid = study.user_attrs.get("uid")
+    return str(uid)
+
+
+def _own_dir(root: Path, first: Path, cfg_for: Callable[[Path], Config], uid: str,
+             taken: Collection[str] = ()) -> tuple[Path, Config]:  # fmt: skip
+    """The run directory and config of a trial (or retrain): ``first`` when it is free or holds this
+    very run (:func:`_holds_this_run`), else the first such of ``first-2``, ``first-3``, ... (the run
+    there is another study's or another λ's: never reused, never overwritten). ``taken``: run
+    directories of the study's other trials."""
+    k = 1
+    while True:
+        path = first if k == 1 else first.with_name(f"{first.name}-{k}")
+        tcfg = cfg_for(path)
+        if path.relative_to(root).as_posix() not in taken and _holds_this_run(path, tcfg, uid):
+            if k > 1:
+                log.info("%s holds another run (another study or λ); this one runs in %s",
+                         first, path)  # fmt: skip
+            return path, tcfg
+        k += 1
+
+
+def _holds_this_run(path: Path, tcfg: Config, uid: str) -> bool:
+    """Whether ``path`` is free (nothing of a run in it) or holds the run of ``tcfg``: its
+    config.yaml the same (``out`` and ``wandb.mode`` aside) and, where ``trial.json`` records a
+    study, this one (``uid``)."""
+    if not path.exists():
+        return True
+    try:
+        mark = json.loads((path / MARK).read_text()) if (path / MARK).is_file() else {}
+    except (OSError, ValueError):
+        mark = {"study_uid": None}  # unreadable: not known to be this study's
+    if isinstance(mark, dict) and "study_uid" in mark and mark["study_uid"] != uid:
+        return False
+    if not (path / "config.yaml").is_file():
+        return not any(
+            (path / n).exists() for n in ("summary.json", "metrics.jsonl", "checkpoints")
+        )
+    try:
+        old = read_config_file(path / "config.yaml")
+    except (OSError, ValueError):
+        return False
+    return not _diff_keys(_comparable(old), _comparable(config_to_dict(tcfg)))
+
+
+def _claim(path: Path, uid: str, name: str, number: int | None) -> None:
+    """Record in ``path`` that this study starts (or resumes) the run there."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARK).is_file():
+        mark = {"study": name, "study_uid": uid, "trial": number}
+        atomic_write_text(path / MARK, json.dumps(mark) + "\n")
 
 
 def run_search(
@@ -163,6 +237,7 @@ def run_search(
     )  # fmt: skip
     study.set_user_attr("metric", "val_accuracy (final evaluation)")
     recover(study, store, sampler)
+    uid = _study_uid(study)
 
     from optuna.trial import TrialState
 
@@ -173,13 +248,16 @@ def run_search(
         trial.set_user_attr("worker", {"host": platform.node(), "pid": os.getpid()})
         params = sp.suggest(trial)
         values = sp.values(params)
-        run_dir = _run_dir_for(study, trial, params, out)
+        first, taken = _run_dir_for(study, trial, params, out)
+        run_dir, tcfg = _own_dir(
+            out, first, lambda p: _trial_config(cfg, values, p, f"search-{sampler}"), uid, taken
+        )
         trial.set_user_attr("run_dir", run_dir.relative_to(out).as_posix())
         trial.set_user_attr("values", values)
-        tcfg = _trial_config(cfg, values, run_dir, f"search-{sampler}")
         summary = _read_summary(run_dir)
         pr = Pruning(trial)
         if summary is None:
+            _claim(run_dir, uid, name, trial.number)
             cbs = list(callbacks_factory(tcfg, run_dir)) if callbacks_factory else []
             resume = (run_dir / "config.yaml").is_file()
             try:
@@ -222,7 +300,7 @@ def run_search(
     if retrain_seeds and results.get("best") is not None:
         known = search_resume.known_rows(report, trial=int(results["best"]["number"]))
         results["retrain"] = _retrain(cfg, results, retrain_seeds, out, train,
-                                      callbacks_factory, known)  # fmt: skip
+                                      callbacks_factory, known, (uid, name))  # fmt: skip
     search_results.write_results(out, results)
     return results
 
@@ -288,17 +366,25 @@ def _comparable(conf: Any) -> Any:
 
 def _retrain(cfg: Config, results: Mapping[str, Any], seeds: Sequence[int], out: Path,
              train: TrainFn, callbacks_factory: CallbacksFactory | None,
-             known: Mapping[int, dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
-    """Fixed-λ runs at the best trial's λ on each seed, in ``retrain/trial-XXXX/seed-<s>``. On the
-    search's own seed the best trial *is* that run (same config, seed and code; CPU training is
-    deterministic): its row is reused (``reused_trial``, no extra cost). ``known``: rows of an
-    imported report, by seed, used where the run directory is gone."""
+             known: Mapping[int, dict[str, Any]], study: tuple[str, str]) -> list[dict[str, Any]]:  # fmt: skip
+    """Fixed-λ runs at the best trial's λ on each seed, in ``retrain/trial-XXXX/seed-<s>`` (another
+    study's run there: ``seed-<s>-2``, :func:`_own_dir`). On the search's own seed the best trial
+    *is* that run (same config, seed and code; CPU training is deterministic): its row is reused
+    (``reused_trial``, no extra cost). ``known``: rows of an imported report, by seed, used where
+    the run directory is gone. ``study``: (uid, name)."""
     best = results["best"]
     trial_row = next(t for t in results["trials"] if t["number"] == best["number"])
     keys = ("test_accuracy", "val_accuracy", "steps", "wall_seconds", "cpu_seconds")
     rows = []
     for s in seeds:
-        run_dir = out / "retrain" / f"trial-{int(best['number']):04d}" / f"seed-{s}"
+        first = out / "retrain" / f"trial-{int(best['number']):04d}" / f"seed-{s}"
+
+        def retrain_cfg(path: Path, seed: int = int(s)) -> Config:
+            rcfg = _trial_config(cfg, best["values"], path, "search-retrain")
+            rcfg.seed = seed
+            return rcfg
+
+        run_dir, rcfg = _own_dir(out, first, retrain_cfg, study[0])
         summary = _read_summary(run_dir)
         if summary is None and int(s) == cfg.seed and trial_row.get("test_accuracy") is not None:
             rows.append({"seed": int(s), "run_dir": trial_row["run_dir"], "reused_trial": True,
@@ -308,8 +394,7 @@ def _retrain(cfg: Config, results: Mapping[str, Any], seeds: Sequence[int], out:
             rows.append(dict(known[int(s)]))
             continue
         if summary is None:
-            rcfg = _trial_config(cfg, best["values"], run_dir, "search-retrain")
-            rcfg.seed = int(s)
+            _claim(run_dir, study[0], study[1], None)
             cbs = list(callbacks_factory(rcfg, run_dir)) if callbacks_factory else []
             summary = train(rcfg, run_dir, resume=(run_dir / "config.yaml").is_file(),
                             callbacks=cbs)  # fmt: skip

@@ -47,6 +47,7 @@ from metakd.training.bounds import BoundWatch
 from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.training.optimizer_binding import OptimizerBinding, torch_optimizer
+from metakd.training.resume_state import load_optimizer, restore_counters
 from metakd.training.rows import log_due, metrics_row
 from metakd.training.schedule import MetaVector
 
@@ -467,16 +468,19 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the same config, model and data)."""
+        """Restore :meth:`state_dict` (the same config, model and data; a checkpoint of another
+        version, or a resume with another optimizer: :mod:`metakd.training.resume_state`)."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        opt = f"train.optimizer={self.cfg.train.optimizer}"
+        load_optimizer(self.optimizer, state["optimizer"], "student optimizer", opt)
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])
         if self.meta_opt is not None:
             # bind to the (possibly new) raw tensors
             self.meta_opt = meta_optimizer(self.cfg, self.meta)
             assert self.meta_opt is not None
-            self.meta_opt.load_state_dict(state["meta_optimizer"])
+            opt = f"meta.optimizer={self.cfg.meta.optimizer}"
+            load_optimizer(self.meta_opt, state["meta_optimizer"], "meta optimizer", opt)
         self.schedule.load_state_dict(state["schedule"])
         method = self.schedule.method
         if method is not None:
@@ -487,10 +491,4 @@ class Trainer:
                 ms = {"tangents": state.get("tangents")}
             method.load_state_dict(ms)
         self.step = int(state["step"])
-        self.counters = {k: int(v) for k, v in state["counters"].items()}
-        self.phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}
-        self.wall_base = float(state["wall_seconds"])
-        self.last_eval = {k: float(v) for k, v in state["last_eval"].items()}
-        self.best = {k: float(v) for k, v in state["best"].items()}
-        self.epoch_loss = [float(state["epoch_loss"][0]), int(state["epoch_loss"][1])]
-        self.last_epoch_loss = float(state["last_epoch_loss"])
+        restore_counters(self, state)
