@@ -3,7 +3,8 @@
 Every command that runs something takes an optional YAML config followed by ``key=value``
 overrides with dotted keys (``meta.unroll=5 forecast.forecaster=linear``), so a W&B sweep agent can
 call ``metakd train CONFIG ${args_no_hyphens}``. Options (``--seed``, ``--device``, ``--out``,
-``--wandb``) set the matching config keys and win over the file and the overrides.
+``--wandb``) set the matching config keys and win over the file and the overrides. The W&B mode is
+``--wandb``, else W&B's own ``WANDB_MODE`` environment variable, else the config's ``wandb.mode``.
 
 Errors a user can cause (a bad config, a missing file, a value the library rejects, a loss that
 became NaN) print one ``Error: ...`` line per problem on stderr and exit with code 2, without a
@@ -33,8 +34,7 @@ from rich.console import Console
 
 from metakd import __version__
 from metakd.config import SEED_MAX, ConfigError
-from metakd.runs.config import load_config
-from metakd.runs.rundir import RunDirLockedError
+from metakd.runs.rundir import RunDirLockedError  # light: torch is imported inside its functions
 
 if TYPE_CHECKING:
     from metakd.config import Config
@@ -58,6 +58,7 @@ __all__ = [
     "out_console",
     "parse_seeds",
     "split_args",
+    "wandb_env_mode",
 ]
 
 app = typer.Typer(
@@ -142,7 +143,10 @@ DeviceOpt = Annotated[
 WandbOpt = Annotated[
     WandbMode | None,
     typer.Option(
-        "--wandb", help="W&B mode (config key wandb.mode; default offline).", case_sensitive=False
+        "--wandb",
+        help="W&B mode; wins over the WANDB_MODE environment variable, which wins over the config "
+        "key wandb.mode (default offline).",
+        case_sensitive=False,
     ),
 ]
 QuietOpt = Annotated[
@@ -297,8 +301,12 @@ def load_cli_config(
     device: Device | None = None,
     out: Path | None = None,
     wandb: WandbMode | None = None,
+    wandb_env: bool = False,
 ) -> Config:
-    """Config from ``[CONFIG] [KEY=VALUE]...`` plus the options (options win)."""
+    """Config from ``[CONFIG] [KEY=VALUE]...`` plus the options (options win). ``wandb_env`` (the
+    commands that log to W&B): without ``--wandb``, W&B's ``WANDB_MODE`` wins over ``wandb.mode``."""
+    from metakd.runs.config import load_config  # the registries import torch: not for --help
+
     path, overrides = split_args(args)
     if path is not None:
         _check_config_arg(path)
@@ -309,9 +317,29 @@ def load_cli_config(
         cfg.device = device.value
     if out is not None:
         cfg.out = str(out)
-    if wandb is not None:
-        cfg.wandb.mode = wandb.value
+    mode = wandb.value if wandb is not None else wandb_env_mode() if wandb_env else None
+    if mode is not None:
+        cfg.wandb.mode = mode  # type: ignore[assignment]  # one of WandbMode's values
     return cfg
+
+
+#: WANDB_MODE values W&B accepts besides ours, as the mode they mean
+_WANDB_ENV_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
+def wandb_env_mode() -> str | None:
+    """The W&B mode W&B's own ``WANDB_MODE`` environment variable asks for (None: unset or empty).
+    It wins over the config's ``wandb.mode``; an explicit ``--wandb`` wins over it."""
+    text = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not text:
+        return None
+    mode = _WANDB_ENV_ALIASES.get(text, text)
+    if mode not in {m.value for m in WandbMode}:
+        raise ConfigError(
+            f"the environment variable WANDB_MODE={text!r} is not a W&B mode; set it to online, "
+            "offline or disabled (or unset it), or pass --wandb"
+        )
+    return mode
 
 
 def _fmt(value: Any, digits: int = 6) -> str:

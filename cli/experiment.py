@@ -96,7 +96,7 @@ def experiment(
     console = _setup_logging(quiet)
     exp_dir: list[Path] = []  # for the error messages: it is kept, the same command continues it
     with _user_errors(exp_dir, resume="run the same command again to continue it"):
-        cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb)
+        cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb, wandb_env=True)
         method_list = parse_methods(methods)
         seed_list = parse_seeds(seeds, first=cfg.seed)
         out_dir = out or Path("runs") / f"{cfg.name}-experiment-{_timestamp()}"

@@ -144,7 +144,7 @@ def search(
 
     console = _setup_logging(quiet)
     with _user_errors():
-        cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb)
+        cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb, wandb_env=True)
         out_dir = out or Path("runs") / f"{cfg.name}-search-{sampler.value}"
         seeds = (parse_seeds(retrain_seeds, first=cfg.seed, option="--retrain-seeds")
                  if retrain_seeds else [])  # fmt: skip

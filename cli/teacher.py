@@ -49,7 +49,11 @@ def teacher(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a teacher on the configured data and save its checkpoint."""
+    """Train a teacher on the configured data and save its checkpoint.
+
+    Logs nothing to W&B (hence no --wandb option): its record is the checkpoint and the \
+    metrics printed at the end.
+    """
     console = _setup_logging(quiet)
     with _user_errors():
         cfg = load_cli_config(args, seed=seed, device=device)

@@ -146,7 +146,7 @@ def train(
                 "--resume continues the run in --out and --overwrite deletes it: pass one"
             )
         args, out = _resolve_resume(args, out, resume)
-        cfg = load_cli_config(args, seed=seed, device=device, out=out, wandb=wandb)
+        cfg = load_cli_config(args, seed=seed, device=device, out=out, wandb=wandb, wandb_env=True)
         if cfg.out is not None:
             run_dir.append(Path(cfg.out))
 

@@ -6,24 +6,42 @@
 
 The package is a house of floors (docs/architecture.md): ``functional`` (losses, inner optimizers, the
 functional model), ``hypergrad``, ``data``, ``training``, ``reporting``, ``runs``, ``bench``. This module
-is the facade above them: the core names are imported here; the training and runs names
-(:class:`Trainer`, :func:`load_config`, :func:`train_run`, :class:`Config`) on first use, so
-``import metakd`` does not pull in the trainer, pydantic's schema or Optuna.
+is the facade above them: every name (:func:`hypergradient`, :class:`FunctionalModel`, the submodules
+``optim``, ``losses`` and ``metaparams`` of ``metakd.functional``, :class:`Trainer`, :func:`load_config`,
+...) is imported on first use (PEP 562), so ``import metakd`` (and with it ``import metakd.config``, the
+command line's ``--help``) imports no torch, pydantic schema or Optuna until a name is used.
 """
 
 from __future__ import annotations
 
-from metakd.functional import losses, metaparams, optim
-from metakd.functional.losses import cross_entropy, distillation_loss
-from metakd.functional.metaparams import MetaParams
-from metakd.functional.nn import FunctionalModel
-from metakd.hypergrad import HypergradResult, hypergradient
-from metakd.hypergrad.implicit import ImplicitResult, ImplicitSolver, implicit_hypergradient
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what mypy and editors see; at run time __getattr__ imports each on first use
+    from metakd.config import Config
+    from metakd.functional import losses, metaparams, optim
+    from metakd.functional.losses import cross_entropy, distillation_loss
+    from metakd.functional.metaparams import MetaParams
+    from metakd.functional.nn import FunctionalModel
+    from metakd.hypergrad import HypergradResult, hypergradient
+    from metakd.hypergrad.implicit import ImplicitResult, ImplicitSolver, implicit_hypergradient
+    from metakd.runs.config import load_config
+    from metakd.runs.run import load_trainer, train_run
+    from metakd.training.trainer import Trainer
 
 __version__ = "0.1.0"
 
 # name -> module of the names imported on first use (PEP 562)
 _LAZY = {
+    "cross_entropy": "metakd.functional.losses",
+    "distillation_loss": "metakd.functional.losses",
+    "MetaParams": "metakd.functional.metaparams",
+    "FunctionalModel": "metakd.functional.nn",
+    "HypergradResult": "metakd.hypergrad",
+    "hypergradient": "metakd.hypergrad",
+    "ImplicitResult": "metakd.hypergrad.implicit",
+    "ImplicitSolver": "metakd.hypergrad.implicit",
+    "implicit_hypergradient": "metakd.hypergrad.implicit",
     "Config": "metakd.config",
     "Trainer": "metakd.training.trainer",
     "load_config": "metakd.runs.config",
@@ -53,15 +71,24 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+# name -> the submodule itself (``metakd.optim`` is ``metakd.functional.optim``)
+_SUBMODULES = {
+    "losses": "metakd.functional.losses",
+    "metaparams": "metakd.functional.metaparams",
+    "optim": "metakd.functional.optim",
+}
 
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value: Any = importlib.import_module(_SUBMODULES[name])
+    elif name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'metakd' has no attribute {name!r}")
+    else:
+        raise AttributeError(f"module 'metakd' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 import yaml
 
 from metakd.config import ConfigError
@@ -124,6 +123,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` atomically (caches and checkpoints are never left half-written)."""
+    import torch  # here, not at the top: the command line's config and error paths import this module
+
     _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 

@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 import yaml
 from pydantic import ValidationError
 
@@ -237,6 +236,8 @@ class RunDir:
         the previous one; when none loads, a ``ValueError`` (a user-fixable problem) names the files
         and the fix.
         """
+        import torch  # here, not at the top: the command line imports this module for --help
+
         paths = self.checkpoints()
         errors = []
         for i, path in enumerate(paths):
