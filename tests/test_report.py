@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from metakd.config import Config, config_to_dict
+from metakd.reporting.figures import FORECAST_LABEL
 from metakd.reporting.report import (
     aggregate,
     build_report,
@@ -262,7 +263,8 @@ def test_figures_are_labelled(experiment: tuple[Path, list[dict[str, Any]]]) -> 
         assert axes, name
         for ax in axes:
             assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), (name, ax.get_title())
-            assert ax.get_legend() is not None, (name, ax.get_title())
+            # its own legend, or the figure's one legend of panels sharing their entries
+            assert ax.get_legend() is not None or fig.legends, (name, ax.get_title())
     assert all(ax.get_xscale() == "log" for ax in figures["accuracy"].axes)
     assert len(figures["metaparams"].axes) == 3  # one panel per metaparameter
 
@@ -295,7 +297,7 @@ def test_metaparams_shade_predicted_windows_and_draw_forecast(tmp_path: Path) ->
     assert len(spans) == 10
     assert sorted(p.get_x() for p in spans)[:2] == [10.0, 30.0]
     dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
-    assert len(dashed) == 1 and dashed[0].get_label() == "forecast"
+    assert len(dashed) == 1 and dashed[0].get_label() == FORECAST_LABEL
     # the raw forecast is drawn through the constraint, beside the constrained trajectory
     rows = [
         json.loads(line) for line in (tmp_path / "f0" / "metrics.jsonl").read_text().splitlines()
@@ -306,7 +308,7 @@ def test_metaparams_shade_predicted_windows_and_draw_forecast(tmp_path: Path) ->
     np.testing.assert_allclose(y[~np.isnan(y)], [_sigmoid(r, "beta1") for _, r in raw], rtol=1e-9)
     assert len(raw) == 20 and np.isnan(y).sum() == 9  # one segment per predicted window
     labels = ax.get_legend_handles_labels()[1]
-    assert "predicted window" in labels and "forecast" in labels
+    assert "predicted window" in labels and FORECAST_LABEL in labels
 
 
 def test_sweep_figure_when_forecast_settings_differ(tmp_path: Path) -> None:

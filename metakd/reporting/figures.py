@@ -24,6 +24,9 @@ __all__ = ["FIGURES", "make_figures"]
 
 FIGURES = ("accuracy", "metaparams", "sensitivity", "sweep", "cost")
 
+FORECAST_LABEL = "forecaster's prediction of λ"
+"""The dashed line of the metaparameter figure (not the method named ``forecast``)."""
+
 
 def _align(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Interpolate runs onto shared steps: the union of their steps inside the range all cover.
@@ -48,27 +51,84 @@ def _colors(methods: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def _legend(ax: Axes, **kwargs: Any) -> None:
+_MARKERS = "osD^vPX*"
+"""One marker per method, so curves of one evaluation (a point each) stay visible and tell apart
+even where two methods' points coincide."""
+
+_FEW = 25
+"""Curves with at most this many points are drawn with markers on every point."""
+
+
+def _markers(methods: Iterable[str]) -> dict[str, str]:
+    ordered = sorted(set(methods), key=_method_key)
+    return {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(ordered)}
+
+
+def _no_data(ax: Axes) -> None:
     from matplotlib.lines import Line2D
 
-    handles, _ = ax.get_legend_handles_labels()
-    if handles:
+    ax.legend(handles=[Line2D([], [], linestyle="none", label="no data")], fontsize="small")
+
+
+def _legend(ax: Axes, **kwargs: Any) -> None:
+    """A legend inside ``ax`` (scatter panels: matplotlib's "best" place avoids the points)."""
+    if kwargs.get("handles") or ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", **kwargs)
     else:
-        ax.legend(handles=[Line2D([], [], linestyle="none", label="no data")], fontsize="small")
+        _no_data(ax)
+
+
+def _legend_outside(ax: Axes) -> None:
+    """A legend right of ``ax``, clear of its data (constrained layout makes room for it)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        _no_data(ax)
+
+
+def _figure_legend(fig: Figure, axes: Iterable[Axes]) -> None:
+    """One legend for panels that share their entries, below them, never over a line; an axes
+    without any entry says "no data"."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        if not handles:
+            _no_data(ax)
+        for h, lab in zip(handles, labels, strict=True):
+            entries.setdefault(lab, h)
+    if entries:
+        ncols = min(len(entries), 4 if max(len(k) for k in entries) < 40 else 2)
+        fig.legend(
+            list(entries.values()), list(entries), loc="outside lower center", ncols=ncols,
+            fontsize="small",
+        )  # fmt: skip
 
 
 def _band(
-    ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: Any, label: str
+    ax: Axes,
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    color: Any,
+    label: str,
+    marker: str = "o",
+    dodge: float = 0.0,
 ) -> None:
-    """Mean line ± sample-std band of aligned curves."""
+    """Mean line ± sample-std band of aligned curves; markers on a curve of few points, and a
+    curve of one point (runs evaluated once) as that point with a ± std error bar, its step moved
+    by the fraction ``dodge`` so that methods evaluated at the same step do not hide each other."""
     steps, values = _align(curves)
     if not steps.size:
         return
+    n = values.shape[0]
     mean = values.mean(axis=0)
-    ax.plot(steps, mean, color=color, lw=1.8, label=f"{label} (n={values.shape[0]})")
-    if values.shape[0] > 1:
-        std = values.std(axis=0, ddof=1)
+    std = values.std(axis=0, ddof=1) if n > 1 else None
+    label = f"{label} (n={n})"
+    if steps.size == 1:
+        ax.errorbar(steps * (1 + dodge), mean, yerr=std, color=color, marker=marker, ms=7, capsize=4,
+                    linestyle="none", label=label)  # fmt: skip
+        return
+    few = steps.size <= _FEW
+    ax.plot(steps, mean, color=color, lw=1.8, label=label, marker=marker if few else None, ms=4)
+    if std is not None:
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
 
 
@@ -91,20 +151,25 @@ def _by_method(runs: Iterable[Run]) -> dict[str, list[Run]]:
 def _accuracy_figure(runs: Sequence[Run], logx: bool) -> Figure:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    fig = Figure(figsize=(12, 5), layout="constrained")
     groups = _by_method(runs)
-    colors = _colors(groups)
+    colors, markers = _colors(groups), _markers(groups)
+    axes = fig.subplots(1, 2)
     for ax, key, split in zip(
-        fig.subplots(1, 2), ("val_accuracy", "test_accuracy"), ("Validation", "Test"), strict=True
+        axes, ("val_accuracy", "test_accuracy"), ("Validation", "Test"), strict=True
     ):
-        for method, group in groups.items():
-            _band(ax, [r.series(key) for r in group], colors[method], method)
+        for i, (method, group) in enumerate(groups.items()):
+            dodge = 0.02 * (i - (len(groups) - 1) / 2)
+            curves = [r.series(key) for r in group]
+            _band(ax, curves, colors[method], method, markers[method], dodge)
         if logx:
             ax.set_xscale("log")
+        elif ax.has_data() and ax.dataLim.x1 > 0:
+            ax.set_xlim(0, 1.05 * ax.dataLim.x1)
         ax.set(xlabel="iteration (training step)", ylabel=f"{split.lower()} accuracy")
-        ax.set_title(f"{split} accuracy vs iteration (mean ± std over seeds)")
+        ax.set_title(f"{split} accuracy vs iteration (mean ± std over runs)")
         ax.grid(alpha=0.3)
-        _legend(ax, loc="lower right")
+    _figure_legend(fig, axes)
     return fig
 
 
@@ -200,7 +265,12 @@ def _metaparams_figure(runs: Sequence[Run]) -> Figure | None:
     rep = next((r for r in runs if any(row.get("phase") == "predict" for row in r.rows)), None)
     if rep is None:
         rep = next((r for r in runs if any(row.get("meta_forecast") for row in r.rows)), None)
-    fig = Figure(figsize=(5 * len(names), 4.5), layout="constrained")
+    constant = {  # groups of constant λ (fixed, random, search trials): a mean of them is no run's
+        m: len(g) > 1 and all(np.ptp(v) == 0 for r in g for n in names
+                              if (v := r.series("meta", n)[1]).size)
+        for m, g in groups.items()
+    }  # fmt: skip
+    fig = Figure(figsize=(5 * len(names), 5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names, strict=True):
         spans = _spans(rep) if rep is not None else []
@@ -222,6 +292,11 @@ def _metaparams_figure(runs: Sequence[Run]) -> Figure | None:
                 )
         for method, group in groups.items():
             curves = [r.series("meta", name) for r in group]
+            if constant[method]:
+                for i, (steps, values) in enumerate(curves):
+                    label = f"{method} ({len(group)} runs, constant λ)" if i == 0 else None
+                    ax.plot(steps, values, color=colors[method], lw=1.2, alpha=0.7, label=label)
+                continue
             for steps, values in curves:
                 ax.plot(steps, values, color=colors[method], lw=0.7, alpha=0.35)
             steps, values = _align(curves)
@@ -251,17 +326,20 @@ def _metaparams_figure(runs: Sequence[Run]) -> Figure | None:
                     ls="--",
                     marker="x",
                     ms=4,
-                    label="forecast",
+                    label=FORECAST_LABEL,
                 )
         ax.set(xlabel="iteration (training step)", ylabel=f"{name} (constrained)")
-        ax.set_title(f"{name} vs iteration (thin: seeds, bold: mean)")
+        lines = "one line per run" if all(constant.values()) else "thin: runs, bold: mean"
+        ax.set_title(f"{name} vs iteration ({lines})")
+        ax.ticklabel_format(axis="y", useOffset=False)  # 0.65003, not 1e-5 + 6.5e-1
         ax.grid(alpha=0.3)
-        _legend(ax)
+    _figure_legend(fig, axes)
     return fig
 
 
 def _sensitivity_figure(runs: Sequence[Run]) -> Figure | None:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     pts = [
         (r, r.summary["meta"], float(r.summary["test_accuracy"]))
@@ -298,19 +376,15 @@ def _sensitivity_figure(runs: Sequence[Run]) -> Figure | None:
         if others:
             beta = "beta2" if "beta2" in others else others[-1]
             ax = axes[2]
-            sc = ax.scatter(
-                tvals,
-                [_scalar(m[beta]) for _, m, _ in pts],
-                c=acc,
-                cmap="viridis",
-                label="runs (colour: accuracy)",
-            )
+            sc = ax.scatter(tvals, [_scalar(m[beta]) for _, m, _ in pts], c=acc, cmap="viridis")
             fig.colorbar(sc, ax=ax, label="final test accuracy")
             _log_x(ax)
             ax.set(xlabel="temperature T (log scale)", ylabel=beta)
             ax.set_title(f"{beta} vs temperature, coloured by test accuracy")
             ax.grid(alpha=0.3)
-            _legend(ax)
+            # a grey proxy: the first point's colour would pass for one accuracy
+            _legend(ax, handles=[Line2D([], [], color="0.45", marker="o", linestyle="none",
+                                        label=f"{len(pts)} runs (colour: accuracy)")])  # fmt: skip
     return fig
 
 
@@ -338,29 +412,36 @@ def _sweep_figure(runs: Sequence[Run]) -> Figure | None:
     for ax, (key, title, fn) in zip(axes, dims, strict=True):
         values = sorted({fn(r) for r in fc} - {None})
         colors = _colors([f"{key}={v}" for v in values])
+        markers = _markers([f"{key}={v}" for v in values])
         for v in values:
             label = f"{key}={v}"
-            _band(ax, [r.series("test_accuracy") for r in fc if fn(r) == v], colors[label], label)
+            curves = [r.series("test_accuracy") for r in fc if fn(r) == v]
+            _band(ax, curves, colors[label], label, markers[label])
         pooled = " (other settings pooled)" if len(dims) > 1 else ""
         ax.set(xlabel="iteration (training step)", ylabel="test accuracy")
         ax.set_title(f"Forecast runs: test accuracy by {title}{pooled}")
         ax.grid(alpha=0.3)
-        _legend(ax, loc="lower right")
+        _legend_outside(ax)
     return fig
 
 
+_COST_PANELS = (("wall_seconds", "wall time (s)"), ("hypergradient_steps", "hypergradient steps"))
+
+
 def _cost_figure(runs: Sequence[Run]) -> Figure:
+    """Final test accuracy vs wall time, and vs hypergradient steps where a run took any (a
+    fixed-λ-only set of runs has no such panel: every point would sit at 0)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    def has(key: str) -> bool:
+        return any(_scalar(r.summary.get(key)) for r in runs)
+
+    panels = [p for i, p in enumerate(_COST_PANELS) if i == 0 or has(p[0])]
+    fig = Figure(figsize=(6 * len(panels), 5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
     groups = _by_method(runs)
-    colors = _colors(groups)
-    for ax, key, xlabel in zip(
-        fig.subplots(1, 2),
-        ("wall_seconds", "hypergradient_steps"),
-        ("wall time (s)", "hypergradient steps"),
-        strict=True,
-    ):
+    colors, markers = _colors(groups), _markers(groups)
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
         for method, group in groups.items():
             pts = np.array(
                 [
@@ -380,7 +461,7 @@ def _cost_figure(runs: Sequence[Run]) -> Figure:
                 xerr=err[0],
                 yerr=err[1],
                 color=colors[method],
-                marker="o",
+                marker=markers[method],
                 capsize=3,
                 lw=1.5,
                 label=f"{method} (n={len(pts)})",
@@ -388,7 +469,7 @@ def _cost_figure(runs: Sequence[Run]) -> Figure:
         ax.set(xlabel=xlabel, ylabel="final test accuracy")
         ax.set_title(f"Final test accuracy vs {xlabel} (mean ± std)")
         ax.grid(alpha=0.3)
-        _legend(ax)
+    _figure_legend(fig, axes)
     return fig
 
 

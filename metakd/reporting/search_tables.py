@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "LEGEND_FONTSIZE",
     "find_results",
     "finder_text",
     "lambda_text",
@@ -36,6 +37,10 @@ __all__ = [
     "search_figure",
     "section",
 ]
+
+
+LEGEND_FONTSIZE = 9.0
+"""Points of the search figure's legend (saved at 100 dpi: smaller is hard to read)."""
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -115,7 +120,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"{best.get('number', '–')}: {lambda_text(best.get('values'))}, val accuracy "
         f"{_f(best.get('val_accuracy'))}.\n",
         "| trial | state | λ | val acc (score) | test acc (not used) | steps | wall s | cost "
-        "(plain runs) | cumulative | best so far |",
+        "(plain runs) | cumulative | best trial so far |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["trials"]:
@@ -166,7 +171,7 @@ def search_figure(results: Sequence[Mapping[str, Any]]) -> Figure | None:
 
     if not results:
         return None
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(10, 6), layout="constrained")
     ax = fig.add_subplot()
     for i, r in enumerate(results):
         color = f"C{i}"
@@ -198,9 +203,14 @@ def search_figure(results: Sequence[Mapping[str, Any]]) -> Figure | None:
                             label=f"{tag}, mean ± std")  # fmt: skip
     ax.set_xlabel("compute (plain fixed-λ runs, wall)")
     ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy vs compute: " + " and ".join(
+        dict.fromkeys("search studies" if r["kind"] == "search" else "the metakd pipeline"
+                      for r in results)))  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+    # below the axes, at the report's reading size (labels are long: one or two columns)
+    labels = ax.get_legend_handles_labels()[1]
+    ncols = 1 if max(map(len, labels), default=0) > 50 else 2
+    fig.legend(loc="outside lower center", ncols=ncols, fontsize=LEGEND_FONTSIZE)
     return fig
 
 

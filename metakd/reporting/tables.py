@@ -23,6 +23,7 @@ __all__ = [
     "flat_row",
     "results_csv",
     "results_markdown",
+    "runs_text",
 ]
 
 STAT_KEYS = (
@@ -127,12 +128,22 @@ def _pm(mean: Any, std: Any, digits: int = 4) -> str:
     return _fmt(mean, digits) + (f" ± {_fmt(std, digits)}" if std is not None else "")
 
 
+def runs_text(row: Mapping[str, Any]) -> str:
+    """How many runs a table row pools: ``2`` when each run has its own seed, else ``6 runs of 3
+    seeds`` (search trials, or runs repeated on one seed, are not independent seeds)."""
+    n, seeds = row["n"], row.get("seeds") or []
+    distinct = len({json.dumps(s) for s in seeds})
+    if len(seeds) != n or distinct == n:
+        return str(n)
+    return f"{n} runs of {distinct} seed{'s' if distinct != 1 else ''}"
+
+
 def results_markdown(table: Sequence[Mapping[str, Any]]) -> str:
-    """Table-1-style Markdown: per method the mean ± sample std over seeds of the final and best
+    """Table-1-style Markdown: per method the mean ± sample std over its runs of the final and best
     test accuracy (and the best single run), final validation accuracy, final λ, hypergradient and
-    predicted steps, wall time."""
+    predicted steps, wall time. The runs column says when runs share a seed."""
     head = (
-        "| method | seeds | final test acc | best test acc (max) | final val acc | final λ (mean) "
+        "| method | runs | final test acc | best test acc (max) | final val acc | final λ (mean) "
         "| hypergrad steps | predicted steps | wall s | cost (plain runs) |\n"
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|\n"
     )
@@ -143,15 +154,20 @@ def results_markdown(table: Sequence[Mapping[str, Any]]) -> str:
             best += f" ({r['best_test_accuracy_max']:.4f})"
         meta = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in r["meta_mean"].items()) or "–"
         lines.append(
-            f"| {r['method']} | {r['n']} | {_pm(r['test_accuracy_mean'], r['test_accuracy_std'])} "
+            f"| {r['method']} | {runs_text(r)} | {_pm(r['test_accuracy_mean'], r['test_accuracy_std'])} "
             f"| {best} | {_pm(r['val_accuracy_mean'], r['val_accuracy_std'])} | {meta} "
             f"| {_pm(r['hypergradient_steps_mean'], r['hypergradient_steps_std'], 1)} "
             f"| {_pm(r['predicted_steps_mean'], r['predicted_steps_std'], 1)} "
             f"| {_pm(r['wall_seconds_mean'], r['wall_seconds_std'], 1)} "
             f"| {_pm(r.get('plain_runs_mean'), r.get('plain_runs_std'), 2)} |"
         )
+    shared = any(runs_text(r) != str(r["n"]) for r in table)
+    over = (
+        "over runs (where runs share a seed, e.g. search trials at different λ, the ± mixes "
+        "λ and seeds: it is not a spread over seeds)" if shared else "over runs, one per seed"
+    )  # fmt: skip
     note = (
-        "\nMean ± sample standard deviation (ddof=1) over seeds; no ± with a single seed. "
+        f"\nMean ± sample standard deviation (ddof=1) {over}; no ± with a single run. "
         "'max' is the best single run's best test accuracy. Cost: wall seconds over a fixed-λ "
         "run's of the same settings and machine (`metakd.runs.ledger`).\n"
     )
