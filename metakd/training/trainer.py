@@ -214,14 +214,14 @@ class Trainer:
         self.counters["hypergradient_steps"] += 1
         if finite:
             self.apply_meta_grad(grads)
+            if self.bounds is not None:
+                for message in self.bounds.update(self.meta.raw):  # type: ignore[union-attr]
+                    log.warning(message)
         else:
             self.counters["skipped_meta_steps"] += 1
             if (
                 self.counters["skipped_meta_steps"] in (1, 10, 100)
                 or self.counters["skipped_meta_steps"] % 1000 == 0
-            if self.bounds is not None:
-                for message in self.bounds.update(self.meta.raw):  # type: ignore[union-attr]
-                    log.warning(message)
             ):
                 log.warning(
                     "non-finite hypergradient at step %d; meta step skipped (%d so far)",
