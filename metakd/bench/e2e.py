@@ -39,7 +39,14 @@ from metakd.data.models import build_model
 from metakd.functional.metaparams import RAW_LIMIT
 from metakd.training.trainer import Trainer
 
-__all__ = ["CASES", "FloorLoop", "run_step_bench", "step_markdown"]
+__all__ = [
+    "CASES",
+    "F32_EPS",
+    "FloorLoop",
+    "hvp_order_tolerances",
+    "run_step_bench",
+    "step_markdown",
+]
 
 CASES = ("synthetic", "cifar")
 _BETAS, _EPS = (0.9, 0.999), 1e-8
@@ -213,18 +220,64 @@ def _trajectory_diff(trainer: Trainer, floor: FloorLoop, steps: int) -> float:
     return float(((ours - floor.raw.detach()).abs() / ours.abs().clamp_min(1e-12)).max())
 
 
-def _tangent_diff(a: Trainer, b: Trainer) -> float:
-    """Max relative difference of the two online trainers' carried tangents (here: of λ's tangents)."""
-    ta, tb = (
-        getattr(a.hypergrad_method, "tangents", None),
-        getattr(b.hypergrad_method, "tangents", None),
-    )
-    if ta is None or tb is None:
-        return float("nan")
-    return max(
-        float((ta.params[k] - tb.params[k]).abs().max() / ta.params[k].abs().max().clamp_min(1e-30))
-        for k in ta.params
-    )
+# Tolerances of the batched-vs-looped row, from float32 roundoff (not from one CPU). The two online
+# trainers run the same forward and first backward; only the H Hessian-vector products are summed in
+# another order (one vmapped backward against H backwards), and CPUs, thread counts and kernels pick
+# the order. A reduction of n float32 terms reordered differs by about sqrt(n)·ε·Σ|terms| (random-walk
+# roundoff of blocked/pairwise sums; n·ε is the never-reached worst case). The largest reductions of the
+# CIFAR student's products run over the batch and a 32x32 feature map: n = 128·1024, sqrt(n) ≈ 362.
+F32_EPS = float(torch.finfo(torch.float32).eps)
+_HVP_SUM_TERMS = 128 * 32 * 32
+
+
+def hvp_order_tolerances(steps: int, lr: float, adam_eps: float = _EPS) -> dict[str, float]:
+    """Bounds on the batched-vs-looped differences after ``steps`` carried steps (see the comment above).
+
+    ``lambda`` and ``hypergrad`` (relative): the products' relative error sqrt(n)·ε, carried ``steps``
+    times (each step adds its own; the tangent map of a stable training step does not grow them).
+    ``tangents`` (‖ΔZ‖/‖Z‖ over all tensors): Adam's update lr·m̂/(√v̂ + eps) has slope up to lr/eps in
+    an entry whose gradient is 0 up to roundoff (a conv bias before train-mode BatchNorm: |g| ~ 1e-8,
+    √v̂ below eps), so there a product's roundoff is multiplied by up to lr/eps (1e5 at lr 1e-3) — those
+    tangents are amplified roundoff, different for every summation order, and change neither λ, the
+    hypergradient nor the weights (their L_val gradient is 0 too). Bound: steps·ε·lr/eps."""
+    grow = math.sqrt(_HVP_SUM_TERMS) * F32_EPS * steps
+    return {"lambda": grow, "hypergrad": grow, "tangents": steps * F32_EPS * lr / adam_eps}
+
+
+def _raw(trainer: Trainer) -> Tensor:
+    assert trainer.meta is not None
+    return torch.cat([trainer.meta.raw[n].detach().reshape(-1) for n in trainer.meta.names])
+
+
+def _online_diffs(a: Trainer, b: Trainer, step: int) -> dict[str, float]:
+    """Two online trainers after the same steps: the relative difference of raw λ (max |Δ| / max |λ|),
+    of the hypergradient each returns now on the validation batch of ``step`` (‖Δh‖ / ‖h‖), and of their
+    carried tangents normalised by their global scale (‖ΔZ‖ / ‖Z‖ over all parameter and optimizer-state
+    tangents; per-tensor ratios would divide by tangents that are pure roundoff, see
+    :func:`hvp_order_tolerances`)."""
+    ma, mb = a.hypergrad_method, b.hypergrad_method
+    ta, tb = getattr(ma, "tangents", None), getattr(mb, "tangents", None)
+    if ma is None or mb is None or ta is None or tb is None:
+        nan = float("nan")
+        return {"lambda_rel_diff": nan, "hypergrad_rel_diff": nan, "tangent_rel_diff": nan}
+
+    def rel(x: Tensor, y: Tensor, norm: Callable[[Tensor], Tensor]) -> float:
+        x, y = x.double(), y.double()
+        return float(norm(x - y) / norm(x).clamp_min(1e-300))
+
+    ha, hb = ma.hypergradient(step)[0], mb.hypergradient(step)[0]
+    names = list(ha)
+    za = torch.cat([z.reshape(-1) for z in ta.to_list()])
+    zb = torch.cat([z.reshape(-1) for z in tb.to_list()])
+    return {
+        "lambda_rel_diff": rel(_raw(a), _raw(b), lambda t: t.abs().max()),
+        "hypergrad_rel_diff": rel(
+            torch.cat([ha[n].reshape(-1) for n in names]),
+            torch.cat([hb[n].reshape(-1) for n in names]),
+            torch.linalg.vector_norm,
+        ),
+        "tangent_rel_diff": rel(za, zb, torch.linalg.vector_norm),
+    }
 
 
 def run_step_bench(
@@ -258,8 +311,8 @@ def run_step_bench(
         rows.append({
             "case": case, "what": what, "params": sum(p.numel() for p in trainer.model.parameters()),
             "a_s": ta["step_s"], "b_s": tb["step_s"], "a_cpu_s": ta["cpu_s"], "b_cpu_s": tb["cpu_s"],
-            "ratio": ta["step_s"] / tb["step_s"], "lambda_rel_diff": None, "check_steps": None,
-            **extra,
+            "ratio": ta["step_s"] / tb["step_s"], "lambda_rel_diff": None, "hypergrad_rel_diff": None,
+            "tangent_rel_diff": None, "check_steps": None, **extra,
         })  # fmt: skip
 
     for case in cases:
@@ -288,14 +341,16 @@ def run_step_bench(
         onl = _trainer(*_case("cifar", online=True, device=device))
         pair("cifar", "trainer online / trainer plain (fixed λ)", plain, ("online", onl._one_step),
              ("plain", plain._one_step))  # fmt: skip
-        # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop;
-        # "λ rel. diff" of this row: of the two trainers' tangents after the same steps
+        # the H Hessian-vector products as one vmapped backward (is_grads_batched) against the loop:
+        # λ, the hypergradient and the tangents (globally normalised) of the two after the same steps
         looped = _trainer(*_case("cifar", online=True, device=device))
         batched = _trainer(*_case("cifar", online=True, device=device))
         batched.hypergrad_method.hvp = "batched"  # type: ignore[union-attr]
         pair("cifar", "trainer online, batched HVPs / looped HVPs", plain,
              ("batched", batched._one_step), ("loop", looped._one_step))  # fmt: skip
-        rows[-1]["lambda_rel_diff"] = _tangent_diff(looped, batched)
+        carried = 3 + block * repeats  # _compare's warm-up steps, then the timed blocks
+        rows[-1].update(_online_diffs(looped, batched, carried), check_steps=carried,
+                        tolerances=hvp_order_tolerances(carried, looped.cfg.train.lr))  # fmt: skip
     result = {
         "config": {
             "block": block,
@@ -318,15 +373,22 @@ def run_step_bench(
 def step_markdown(result: dict[str, Any]) -> str:
     """The step bench as a Markdown table (ms per step, wall; CPU in parentheses)."""
     lines = [
-        "| case | parameters | comparison (a / b) | a ms/step | b ms/step | a / b | λ rel. diff |",
-        "|---|---|---|---|---|---|---|",
+        "| case | parameters | comparison (a / b) | a ms/step | b ms/step | a / b | λ rel. diff "
+        "| hypergradient rel. diff | tangents ‖ΔZ‖/‖Z‖ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(r: dict[str, Any], key: str) -> str:
+        return "—" if r.get(key) is None else f"{r[key]:.1e}"
+
     for r in result["rows"]:
-        diff = "—" if r["lambda_rel_diff"] is None else f"{r['lambda_rel_diff']:.1e}"
+        diffs = " | ".join(
+            fmt(r, k) for k in ("lambda_rel_diff", "hypergrad_rel_diff", "tangent_rel_diff")
+        )
         lines.append(
             f"| {r['case']} | {r['params']:,} | {r['what']} | {1e3 * r['a_s']:.2f} "
             f"({1e3 * r['a_cpu_s']:.2f}) | {1e3 * r['b_s']:.2f} ({1e3 * r['b_cpu_s']:.2f}) | "
-            f"{r['ratio']:.2f} | {diff} |"
+            f"{r['ratio']:.2f} | {diffs} |"
         )
     cfg = result["config"]
     lines.append(

@@ -13,6 +13,7 @@ a terminal (a log file, CI) the bar is replaced by a plain line at most every 10
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -23,11 +24,16 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from metakd.training.trainer import Callback
 
@@ -80,21 +86,101 @@ def _acc(value: Any) -> str:
     return f"{float(value):.3f}" if isinstance(value, (int, float)) else "-"
 
 
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _short_label(label: str, limit: int = 14) -> str:
+    """``hypergrad seed 0`` -> ``hypergrad s0``; longer ones cut to ``limit`` cells with ``…``, never
+    inside a number (the cut moves back before its digits)."""
+    short = re.sub(r"\bseed (\d+)", r"s\1", label)
+    if len(short) <= limit:
+        return short
+    cut = limit - 1
+    while (
+        cut > 0 and (short[cut - 1].isdigit() or short[cut - 1] in ".-+e") and short[cut].isdigit()
+    ):
+        cut -= 1
+    return short[:cut].rstrip() + "…"
+
+
+class _RunLine(ProgressColumn):
+    """A run's whole bar line, fitted to the console's width: fields are dropped by priority, never cut.
+
+    Richest first: label, bar (24 cells), steps, ``ep N``, phase, λ, ``val … test …``, elapsed and ETA.
+    When the line is wider than the console the layouts give up, in order: the bar's width down to 8
+    cells, elapsed/ETA, the phase word, the full label (``hypergrad seed 0`` -> ``hypergrad s0``), the
+    epoch, the accuracies, λ (with the bar down to 4 cells), the label; the steps ``200/20000`` stay. Each field is whole
+    or absent (rich would otherwise cut every column with ``…``, numbers too)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    @staticmethod
+    def _layouts(task: Task) -> list[tuple[str, int, list[tuple[str, str]]]]:
+        """(label, bar width, [(text, style)]) candidates, richest first."""
+        f = task.fields
+        label = str(task.description)
+        steps = f"{int(task.completed)}/{int(task.total or 0)}"
+        epoch = f"ep {f.get('epoch', '-')}" if f.get("epoch", "-") != "-" else ""
+        phase = str(f.get("phase") or "")
+        meta = str(f.get("meta") or "")
+        val, test = f.get("val", "-"), f.get("test", "-")
+        acc = f"val {val} test {test}" if (val, test) != ("-", "-") else ""
+        times = f"{_clock(task.elapsed)} ETA {_clock(task.time_remaining)}"
+        short = _short_label(label)
+        plan = [  # (label, bar, epoch, phase, meta, acc, times)
+            (label, 24, True, True, True, True, True),
+            (label, 8, True, True, True, True, True),
+            (label, 8, True, True, True, True, False),
+            (label, 8, True, False, True, True, False),
+            (short, 8, True, False, True, True, False),
+            (short, 8, False, False, True, True, False),
+            (short, 8, False, False, True, False, False),
+            (short, 4, False, False, False, False, False),
+            ("", 4, False, False, False, False, False),
+        ]
+        out = []
+        for lab, bar, ep, ph, me, ac, ti in plan:
+            parts = [(steps, "progress.download")]
+            parts += [(epoch, "")] if ep else []
+            parts += [(phase, "cyan")] if ph else []
+            parts += [(meta, "")] if me else []
+            parts += [(acc, "")] if ac else []
+            parts += [(times, "progress.elapsed")] if ti else []
+            out.append((lab, bar, [(t, st) for t, st in parts if t]))
+        return out
+
+    def render(self, task: Task) -> Table:
+        width = self.console.width
+        layouts = self._layouts(task)
+        for label, bar, parts in layouts:
+            cells = [len(label)] if label else []
+            cells += [bar] + [Text(t).cell_len for t, _ in parts]
+            if sum(cells) + len(cells) - 1 <= width:
+                break
+        grid = Table.grid(padding=(0, 1))
+        row: list[Any] = []
+        if label:
+            grid.add_column(no_wrap=True)
+            row.append(Text(label, style="bold"))
+        grid.add_column(width=bar, no_wrap=True)
+        row.append(ProgressBar(total=task.total, completed=task.completed, width=bar))
+        text = Text(no_wrap=True)
+        for i, (t, style) in enumerate(parts):
+            text.append((" " if i else "") + t, style=style)
+        grid.add_column(no_wrap=True)
+        row.append(text)
+        grid.add_row(*row)
+        return grid
+
+
 def _new_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TextColumn("ep {task.fields[epoch]}"),
-        TextColumn("[cyan]{task.fields[phase]}"),
-        TextColumn("{task.fields[meta]}"),
-        TextColumn("val {task.fields[val]} test {task.fields[test]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    return Progress(_RunLine(console), console=console, transient=False)
 
 
 class ProgressCallback(Callback):
