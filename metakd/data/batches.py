@@ -5,6 +5,10 @@ Epoch e shuffles D_train with a generator seeded by (seed, 0, e); step s of the 
 Augmentation of step s draws from (seed, 2, s) and the validation batch of a meta step at s from
 (seed, 1, s). So a hypergradient can look ahead at the batches the next η real steps will
 consume, and a resumed run sees the same batches without any stream state in its checkpoint.
+
+A batch's teacher logits come from its :class:`~metakd.data.targets.TeacherTargets`, asked with the
+batch's example ids and the student's input *as fed* (after augmentation): a cached table by id when the
+inputs are deterministic, the live teacher on the augmented tensor otherwise (:mod:`metakd.data.targets`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metakd.data.targets import TeacherTargets, as_targets
+
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from metakd.data import Splits
 
 __all__ = ["Batch", "BatchStream", "derive_seed"]
@@ -32,12 +40,17 @@ def derive_seed(*parts: int) -> int:
 
 
 class BatchStream:
-    """Train batches (x, y, teacher logits) and validation batches of one run."""
+    """Train batches (x, y, teacher logits) and validation batches of one run.
+
+    ``teacher``: the :class:`~metakd.data.targets.TeacherTargets` of the batches (or a (N, K) table / the
+    ``{"train", ...}`` logits, taken as cached logits), None without a teacher. ``augment`` needs a live
+    teacher: cached logits of the un-augmented images are not the targets of the augmented ones.
+    """
 
     def __init__(
         self,
         splits: Splits,
-        teacher_logits: Tensor | None,
+        teacher: TeacherTargets | Mapping[str, Tensor] | Tensor | None,
         *,
         seed: int,
         batch_size: int | None,
@@ -45,7 +58,12 @@ class BatchStream:
         augment: bool = False,
     ) -> None:
         self.splits = splits
-        self.teacher_logits = teacher_logits
+        self.teacher = as_targets(teacher)
+        if augment and self.teacher is not None and not self.teacher.live:
+            raise ValueError(
+                "augmented batches need the live teacher (metakd.data.targets.LiveTeacher): cached "
+                "logits are the teacher's outputs on the un-augmented images"
+            )
         self.seed = seed
         self.n = int(splits.train.y.shape[0])
         self.batch_size = self.n if batch_size is None else min(batch_size, self.n)
@@ -67,16 +85,18 @@ class BatchStream:
         if step in self._cache:
             return self._cache[step]
         tr = self.splits.train
-        x, y, t = tr.x, tr.y, self.teacher_logits
+        x, y, idx = tr.x, tr.y, None
         if self.batch_size < self.n:
             epoch, j = divmod(step, self.steps_per_epoch)
             idx = self._perm(epoch)[j * self.batch_size : (j + 1) * self.batch_size].to(x.device)
-            x, y, t = x[idx], y[idx], (t[idx] if t is not None else None)
+            x, y = x[idx], y[idx]
         if self.augment:
             from metakd import data  # the data module pulls in torchvision; import on demand
 
             gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, step))
             x = data.augment_batch(x, gen)
+        # the teacher's targets of the tensor the student is fed (the same one the look-ahead unrolls)
+        t = self.teacher(idx, x) if self.teacher is not None else None
         self._cache[step] = (x, y, t)
         return x, y, t
 

@@ -13,6 +13,11 @@ A cache hit loads the tensors and never builds or runs the teacher; either way o
 (``metakd.data.teacher`` logger: the cache file, the teacher's source and the data fingerprint), and an
 in-process teacher's training reports each epoch to the ``progress`` factory (a bar on the CLI).
 
+Cached logits are right only for a deterministic input pipeline (:func:`metakd.data.targets.deterministic_inputs`).
+With ``data.augment`` the student is fed random crops and flips, so the run evaluates the teacher module itself
+on every batch as fed (:class:`metakd.data.targets.LiveTeacher`); :func:`teacher_module` gives that module,
+an in-process one trained once and cached as a teacher checkpoint under the same kind of key.
+
 Checkpoints (:func:`save_teacher`) hold only plain containers and tensors — the state dict, the teacher's
 ``ModelConfig`` as a dict, the input shape, the number of classes, the metrics, the full config and the
 data fingerprints — so ``torch.load(path, weights_only=True)`` reads them.
@@ -50,6 +55,7 @@ __all__ = [
     "predict_logits",
     "save_teacher",
     "teacher_logits",
+    "teacher_module",
     "train_teacher",
 ]
 
@@ -306,8 +312,8 @@ def _check_compatible(path: Path, info: dict[str, Any], splits: Splits) -> None:
         )
 
 
-def _logits_cache_path(cfg: Config, splits: Splits) -> tuple[Path, str]:
-    """The cache file of this teacher's logits on this data, and a short description of the key."""
+def _teacher_source(cfg: Config, splits: Splits) -> tuple[str, str, str]:
+    """(source key, its description, the data fingerprint) of this config's teacher on this data."""
     fingerprint = splits.info.get("fingerprint")
     if not isinstance(fingerprint, str):
         raise ValueError(
@@ -327,9 +333,71 @@ def _logits_cache_path(cfg: Config, splits: Splits) -> tuple[Path, str]:
             f"in-process teacher {cfg.teacher.model.name} ({cfg.teacher.epochs} epochs, "
             f"seed {cfg.seed}, teacher config {digest[:12]})"
         )
+    return source, what, fingerprint
+
+
+def _logits_cache_path(cfg: Config, splits: Splits) -> tuple[Path, str]:
+    """The cache file of this teacher's logits on this data, and a short description of the key."""
+    source, what, fingerprint = _teacher_source(cfg, splits)
     key = _sha256_json(source, fingerprint)
     path = Path(cfg.data.cache_dir) / f"teacher-logits-{key[:24]}.pt"
     return path, f"{what} on data {fingerprint[:12]}"
+
+
+def _build_teacher(
+    cfg: Config, splits: Splits, dev: torch.device, what: str, cached_in: Path,
+    progress: ProgressFactory | None,
+) -> tuple[nn.Module, dict[str, Any] | None]:  # fmt: skip
+    """The teacher of ``cfg`` in eval mode on ``dev`` and its training metrics: loaded from
+    ``teacher.checkpoint`` (checked against the data; metrics None), else trained in-process (what it
+    gives is cached in ``cached_in``, logged)."""
+    if cfg.teacher.checkpoint is not None:
+        ckpt = Path(cfg.teacher.checkpoint)
+        model, info = load_teacher(ckpt, dev)
+        _check_compatible(ckpt, info, splits)
+        return model, None
+    log.info(
+        "teacher: training the %s (%d examples); the result is cached in %s for later "
+        "runs with this teacher config, seed and data",
+        what, len(splits.teacher), cached_in,
+    )  # fmt: skip
+    bar = progress(cfg.teacher.epochs) if progress is not None else contextlib.nullcontext()
+    with bar as callback:
+        model, metrics = train_teacher(cfg, splits, dev, progress=callback)
+    log.info(
+        "teacher: trained in %.1f s (%d steps), test accuracy %.4f",
+        metrics["wall_seconds"], metrics["steps"], metrics["test_accuracy"],
+    )  # fmt: skip
+    return model, metrics
+
+
+def teacher_module(
+    cfg: Config,
+    splits: Splits,
+    device: torch.device | str,
+    *,
+    progress: ProgressFactory | None = None,
+) -> nn.Module:
+    """The teacher ``nn.Module`` itself (eval mode, on ``device``), for a run that evaluates it on each
+    batch (:class:`metakd.data.targets.LiveTeacher`, ``data.augment``): loaded from ``teacher.checkpoint``,
+    or trained in-process with :func:`train_teacher` once and cached as a teacher checkpoint under
+    ``cfg.data.cache_dir`` (keyed like the logit cache), so a resumed run gets the very same weights."""
+    dev = torch.device(device)
+    source, what, fingerprint = _teacher_source(cfg, splits)
+    what = f"{what} on data {fingerprint[:12]}"
+    path = Path(cfg.data.cache_dir) / f"teacher-model-{_sha256_json(source, fingerprint)[:24]}.pt"
+    if cfg.teacher.checkpoint is None and path.is_file():
+        try:
+            model, _ = load_teacher(path, dev)
+        except ValueError as exc:
+            warnings.warn(f"ignoring unreadable cached teacher {str(path)!r} ({exc})", stacklevel=2)
+        else:
+            log.info("teacher: cached %s for the %s; not retrained", path, what)
+            return model
+    model, metrics = _build_teacher(cfg, splits, dev, what, path, progress)
+    if metrics is not None:
+        save_teacher(path, model, cfg, metrics)
+    return model
 
 
 def _load_cached(path: Path, splits: Splits) -> dict[str, Tensor] | None:
@@ -370,23 +438,7 @@ def teacher_logits(
     if logits is not None:
         log.info("teacher logits: cached %s for the %s; not recomputed", path, what)
     else:
-        if cfg.teacher.checkpoint is not None:
-            ckpt = Path(cfg.teacher.checkpoint)
-            model, info = load_teacher(ckpt, dev)
-            _check_compatible(ckpt, info, splits)
-        else:
-            log.info(
-                "teacher: training the %s (%d examples); its logits are cached in %s for later "
-                "runs with this teacher config, seed and data",
-                what, len(splits.teacher), path,
-            )  # fmt: skip
-            bar = progress(cfg.teacher.epochs) if progress is not None else contextlib.nullcontext()
-            with bar as callback:
-                model, metrics = train_teacher(cfg, splits, dev, progress=callback)
-            log.info(
-                "teacher: trained in %.1f s (%d steps), test accuracy %.4f",
-                metrics["wall_seconds"], metrics["steps"], metrics["test_accuracy"],
-            )  # fmt: skip
+        model, _ = _build_teacher(cfg, splits, dev, what, path, progress)
         logits = {
             name: predict_logits(model, split.x_teacher.to(dev)).cpu()
             for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from metakd.config import Config
 from metakd.data.batches import Batch, BatchStream
+from metakd.data.targets import TeacherTargets
 from metakd.functional import losses, optim
 from metakd.functional.nn import FunctionalModel
 from metakd.training import objectives
@@ -67,7 +68,10 @@ _META_METHODS = ("hypergrad", "forecast")
 class Trainer:
     """Trains ``model`` on ``splits.train`` with metaparameters chosen by ``cfg.meta.method``.
 
-    ``teacher_logits``: ``{"train", "val", "test"}`` → (N, K) (may be None for ``baseline``).
+    ``teacher_logits``: the teacher's targets of the train batches — a
+    :class:`~metakd.data.targets.TeacherTargets` (:class:`~metakd.data.targets.LiveTeacher`: the teacher
+    module run on each batch as fed, what ``data.augment`` needs), or the cached ``{"train", "val", "test"}``
+    → (N, K) logits of a deterministic input pipeline; None for ``baseline`` or a teacher-free objective.
     """
 
     def __init__(
@@ -75,7 +79,7 @@ class Trainer:
         cfg: Config,
         model: nn.Module,
         splits: Splits,
-        teacher_logits: Mapping[str, Tensor] | None,
+        teacher_logits: TeacherTargets | Mapping[str, Tensor] | None,
         *,
         device: torch.device | str | None = None,
         callbacks: Sequence[Callback] = (),
@@ -93,7 +97,7 @@ class Trainer:
         self.teacher_logits = teacher_logits
         self.callbacks = list(callbacks)
         self.stream = BatchStream(
-            splits, teacher_logits["train"] if teacher_logits is not None else None,
+            splits, teacher_logits,
             seed=cfg.seed, batch_size=cfg.train.batch_size,
             val_batch_size=cfg.meta.val_batch_size, augment=cfg.data.augment,
         )  # fmt: skip
