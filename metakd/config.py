@@ -144,6 +144,13 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     epochs: int = Field(default=10_000, ge=1)
     batch_size: int | None = Field(default=None, ge=1, description="None: full batch")
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        default="constant",
+        description="per-batch lr schedule (torch.optim.lr_scheduler): cosine annealing from lr to 0, or "
+        "one-cycle with peak lr (momentum held)",
+    )
+    bf16: bool = Field(default=False, description="bf16 autocast of the forward pass (for CUDA)")
+    channels_last: bool = Field(default=False, description="channels-last memory format (for CUDA)")
 
 
 class TrainConfig(_Strict):

@@ -87,6 +87,41 @@ def test_minibatch_training_with_augmentation(tmp_path: Path) -> None:
     assert not model.training and 0.0 <= metrics["test_accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_lr_schedule_follows_torch_scheduler(tmp_path: Path, schedule: str) -> None:
+    cfg = _config(tmp_path, epochs=2, lr=0.1, batch_size=10, optimizer="sgd", momentum=0.9)
+    cfg.teacher.model.name = "cifar_very_tiny"
+    cfg.teacher.lr_schedule = schedule
+    _, metrics = train_teacher(cfg, _image_splits(), "cpu")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    lr = torch.optim.lr_scheduler
+    steps = metrics["steps"]  # 2 epochs x 3 batches, stepped per batch
+    if schedule != "constant":
+        sched = (
+            lr.CosineAnnealingLR(opt, T_max=steps)
+            if schedule == "cosine"
+            else lr.OneCycleLR(opt, max_lr=0.1, total_steps=steps, cycle_momentum=False)
+        )
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+    assert metrics["final_lr"] == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+    assert (metrics["final_lr"] == 0.1) == (schedule == "constant")
+
+
+def test_bf16_channels_last_training(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, epochs=1, lr=1e-3, batch_size=10, bf16=True, channels_last=True)
+    cfg.teacher.model.name = "cifar_very_tiny"
+    cfg.data.augment = True
+    model, metrics = train_teacher(cfg, _image_splits(), "cpu")
+    assert np.isfinite(metrics["final_train_loss"]) and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
+    path = save_teacher(tmp_path / "t.pt", model, cfg, metrics)
+    loaded, _ = load_teacher(path, "cpu")
+    x = _image_splits().test.x_teacher
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_save_load_round_trip(tmp_path: Path) -> None:
     cfg = _config(tmp_path, epochs=2, batch_size=8)
     cfg.teacher.model.name = "cifar_very_tiny"

@@ -88,6 +88,17 @@ def _optimizer(cfg: TeacherConfig, params: Iterable[nn.Parameter]) -> torch.opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _scheduler(cfg: TeacherConfig, opt: torch.optim.Optimizer, steps: int) -> Any:
+    """torch's per-batch scheduler of ``teacher.lr_schedule`` over ``steps`` batches (None: constant)."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if cfg.lr_schedule == "onecycle":  # peak lr = teacher.lr; momentum stays teacher.momentum
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=steps, cycle_momentum=False
+        )
+    return None
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = _EVAL_BATCH) -> Tensor:
     """Logits (N, K) float32 of ``model`` on x (N, ...) in batches; sets ``model.eval()``."""
@@ -114,13 +125,15 @@ def train_teacher(
 
     ``teacher.optimizer``/``lr``/``momentum``/``weight_decay``; ``teacher.epochs`` passes over the data in
     batches of ``teacher.batch_size`` (None: full batch, so an epoch is one step — the paper's synthetic
-    teacher is 10,000 full-batch Adam steps at lr 1e-3). Image batches are augmented (random crop + flip)
-    when ``data.augment``. Initialisation and batch order are seeded by ``cfg.seed`` without touching the
-    global RNG. ``progress(epoch, row)`` gets ``{"loss": mean training loss}`` every epoch, plus
-    ``test_accuracy``/``test_loss`` on the ~20 evaluation epochs (every ``max(1, epochs // 20)``, and
-    the last). Returns the model (eval mode, on ``device``) and metrics: ``teacher_accuracy``,
-    ``teacher_loss``, ``test_accuracy``, ``test_loss``, ``epochs``, ``steps``, ``wall_seconds``,
-    ``device``, ``input_shape``, ``num_classes`` and the data fingerprints.
+    teacher is 10,000 full-batch Adam steps at lr 1e-3); ``teacher.lr_schedule`` steps torch's cosine or
+    one-cycle scheduler per batch (``final_lr`` in the metrics), ``teacher.bf16`` autocasts the forward
+    pass, ``teacher.channels_last`` stores 4-D weights and batches channels-last. Image batches are
+    augmented (random crop + flip) when ``data.augment``. Initialisation and batch order are seeded by
+    ``cfg.seed`` without touching the global RNG. ``progress(epoch, row)`` gets ``{"loss": mean training
+    loss}`` every epoch, plus ``test_accuracy``/``test_loss`` on the ~20 evaluation epochs (every
+    ``max(1, epochs // 20)``, and the last). Returns the model (eval mode, on ``device``) and metrics:
+    ``teacher_accuracy``, ``teacher_loss``, ``test_accuracy``, ``test_loss``, ``final_lr``, ``epochs``,
+    ``steps``, ``wall_seconds``, ``device``, ``input_shape``, ``num_classes`` and the data fingerprints.
     """
     dev = torch.device(device)
     tcfg = cfg.teacher
@@ -129,12 +142,14 @@ def train_teacher(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(tcfg.model, input_shape, splits.num_classes)
-    model.to(dev)
+    channels_last = tcfg.channels_last and data.x_teacher.dim() == 4
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     opt = _optimizer(tcfg, model.parameters())
     gen = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = data.x_teacher.to(dev), data.y.to(dev)
     n = len(data)
     batch = n if tcfg.batch_size is None else min(tcfg.batch_size, n)
+    sched = _scheduler(tcfg, opt, tcfg.epochs * -(-n // batch))
     augment = cfg.data.augment and x_all.dim() == 4
     eval_every = max(1, tcfg.epochs // 20)
     steps = 0
@@ -155,10 +170,16 @@ def train_teacher(
                 xb, yb = x_all[idx], y_all[idx]
             if augment:
                 xb = augment_batch(xb, gen)
-            loss = F.cross_entropy(model(xb), yb)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += loss.detach() * len(yb)
             steps += 1
             status.update()
@@ -178,6 +199,7 @@ def train_teacher(
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "final_train_loss": row.get("loss"),
+        "final_lr": float(opt.param_groups[0]["lr"]),
         "epochs": tcfg.epochs,
         "steps": steps,
         "wall_seconds": wall,
