@@ -143,7 +143,9 @@ def train_teacher(
         torch.manual_seed(cfg.seed)
         model = build_model(tcfg.model, input_shape, splits.num_classes)
     channels_last = tcfg.channels_last and data.x_teacher.dim() == 4
-    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = _optimizer(tcfg, model.parameters())
     gen = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = data.x_teacher.to(dev), data.y.to(dev)
