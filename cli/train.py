@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +13,7 @@ import typer
 
 from metakd.config import ConfigError
 from metakd.runs.rundir import read_config_file
+from metakd_cli import launch
 from metakd_cli.app import (
     ArgsArg,
     DeviceOpt,
@@ -127,6 +130,15 @@ def train(
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
     threads: ThreadsOpt = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Ranks on this node (torchrun, data parallel: each takes an equal shard of every "
+            "batch; the hypergradient is the global batch's). Several nodes: torchrun yourself.",
+        ),
+    ] = 1,
 ) -> None:
     """Train one student with tuned distillation metaparameters (one run).
 
@@ -135,9 +147,14 @@ def train(
     complete run directory. At the end it prints where the run is, the test accuracy, the \
     final λ, the number of hypergradient steps and the wall time.
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_ranks(nproc, out, resume)
+        return
     from metakd.reporting.progress import ProgressCallback
     from metakd.reporting.tracking import WandbCallback
 
+    main_rank = launch.rank() == 0  # under torchrun only rank 0 shows progress, logs to W&B, prints
+    quiet = quiet or not main_rank
     console = _setup_logging(quiet)
     run_dir: list[Path] = []  # filled as soon as it is known, for the error messages
     with _user_errors(run_dir):
@@ -161,7 +178,8 @@ def train(
         ok = False
         try:
             more = {"overwrite": True} if overwrite else {}
-            summary = train_run(cfg, cfg.out, resume=resume, callbacks=[progress, tracker], **more)
+            callbacks = [progress, tracker] if main_rank else []
+            summary = train_run(cfg, cfg.out, resume=resume, callbacks=callbacks, **more)
             ok = True
         finally:
             progress.close()
@@ -169,8 +187,25 @@ def train(
                 run_dir[:] = [progress.run_dir]
             if not ok:
                 tracker.finish(exit_code=1)
+    if not main_rank:
+        return
     where = run_dir[0] if run_dir else Path(str(summary.get("run_dir", "?")))
     _print_train_summary(summary, where, tracker, as_json=as_json)
+
+
+def _launch_ranks(nproc: int, out: Path | None, resume: bool) -> None:
+    """``--nproc N``: this command on N local ranks (torchrun's launcher, metakd_cli.launch);
+    a rank that fails ends the others and is reported in one line, exit code 2."""
+    failed = launch.launch(nproc, launch.without_nproc(sys.argv[1:]))
+    if failed is None:
+        return
+    hint = (
+        f"; the run directory stays resumable: metakd train --resume {out} --nproc {nproc}"
+        if out is not None
+        else f"; resume the run directory rank 0 printed with --resume ... --nproc {nproc}"
+    )
+    typer.echo(f"Error: {failed}{hint}", err=True)
+    raise typer.Exit(2)
 
 
 def _print_train_summary(

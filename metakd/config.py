@@ -176,13 +176,6 @@ class TrainConfig(_Strict):
         default=False,
         description="divide L_train by β1 + β2: the weights set only the mix of the two terms",
     )
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare on/off as a boolean (``train.compile=off`` on the command line too)
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
     # the student's lr schedule γ_t = γ·f(t), on the real optimizer and its twin in every unroll
     # (metakd.functional.schedules.LrSchedule)
     lr_schedule: Literal["constant", "cosine", "multistep"] = Field(
@@ -212,6 +205,13 @@ class TrainConfig(_Strict):
                 f"lr_warmup_epochs={self.lr_warmup_epochs} must be below epochs={self.epochs}"
             )
         return self
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean (``train.compile=off`` on the command line too)
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class ImplicitConfig(_Strict):
     """meta.hypergrad.method=implicit: the IFT solve (metakd.hypergrad.implicit.ImplicitSolver)."""

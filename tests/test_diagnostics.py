@@ -1,4 +1,4 @@
-"""The bound warning (metakd.training.bounds): a metaparameter at its bound for a tenth of the run."""
+"""The bound warning (metakd.training.diagnostics): a metaparameter at its bound for a tenth of the run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from metakd.config import Config, MetaParamSpec
 from metakd.data import Split, Splits
 from metakd.runs.config import load_config
-from metakd.training.bounds import BoundWatch
+from metakd.training.diagnostics import BoundWatch
 from metakd.training.trainer import Trainer
 
 T_SPEC = MetaParamSpec(lo=0.1, hi=10.0)

@@ -29,6 +29,7 @@ from metakd.data.targets import CachedLogits, LiveTeacher, TeacherTargets, deter
 from metakd.functional.metaparams import constrain
 from metakd.runs import ledger
 from metakd.training import objectives
+from metakd.training.distributed import World
 from metakd.training.trainer import Callback, Trainer
 
 __all__ = [
@@ -183,8 +184,12 @@ def check_components(cfg: Config) -> None:
         plugins.load_forecaster(cfg.forecast.forecaster, kind="forecast.forecaster")
 
 
-def calibrate(cfg: Config, fraction: float = ledger.CALIBRATION_FRACTION) -> dict[str, float]:
-    """Time a short fixed-λ run of ``cfg`` (no run directory) and cache its per-step seconds."""
+def calibrate(
+    cfg: Config, world: World | None = None, fraction: float = ledger.CALIBRATION_FRACTION
+) -> dict[str, float]:
+    """Time a short fixed-λ run of ``cfg`` (no run directory) and cache its per-step seconds; with
+    several ranks (``world``) every rank takes part and rank 0 records it."""
+    world = world or World()
     epochs = max(1, math.ceil(cfg.train.epochs * fraction))
     data = config_to_dict(cfg)
     data["meta"]["method"] = "fixed"
@@ -198,11 +203,13 @@ def calibrate(cfg: Config, fraction: float = ledger.CALIBRATION_FRACTION) -> dic
     device = resolve_device(short.device)
     log.info("ledger: timing a plain (fixed-λ) run of %d epochs as the cost reference", epochs)
     splits, logits, model = build(short, device)
-    trainer = Trainer(short, model, splits, logits, device=device)
+    trainer = Trainer(short, model, splits, logits, device=device, world=world)
     cpu0 = time.process_time()
     summary = trainer.train()
     cpu = time.process_time() - cpu0
     # a compiled reference: its per-step seconds without its one-off compilation
     wall, steps = trainer.wall_seconds - summary["compile_seconds"], trainer.step
-    ledger.record_reference(cfg, wall, cpu, steps, f"calibration ({epochs} epochs)")
+    if world.is_main:
+        source = f"calibration ({epochs} epochs)"
+        ledger.record_reference(cfg, wall, cpu, steps, source, world_size=world.size)
     return {"wall_per_step": wall / steps, "cpu_per_step": cpu / steps, "samples": 1.0}

@@ -69,8 +69,9 @@ CALIBRATION_FRACTION = 0.05
 _KEEP = 5  # samples kept per cache key
 
 
-def reference_key(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """(hash, fields): the settings and machine that a plain run's per-step cost depends on."""
+def reference_key(cfg: Config, world_size: int = 1) -> tuple[str, dict[str, Any]]:
+    """(hash, fields): the settings and machine that a plain run's per-step cost depends on (a run on
+    several ranks is priced in plain runs of the same world size)."""
     d = config_to_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("epochs", "checkpoint_every")}
     # the kind of step: run_cost resolves auto to what the run chose; unresolved, auto means eager
@@ -80,19 +81,23 @@ def reference_key(cfg: Config) -> tuple[str, dict[str, Any]]:
         "data": data, "student": d["student"], "train": train, "device": d["device"],
         "host": platform.node(), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }  # fmt: skip
+    if world_size > 1:  # (absent for one process: the keys cached before several ranks still match)
+        fields["world_size"] = world_size
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], fields
 
 
-def _cache_path(cfg: Config) -> Path:
-    return Path(cfg.data.cache_dir) / "ledger" / f"{reference_key(cfg)[0]}.json"
+def _cache_path(cfg: Config, world_size: int = 1) -> Path:
+    return Path(cfg.data.cache_dir) / "ledger" / f"{reference_key(cfg, world_size)[0]}.json"
 
 
-def record_reference(cfg: Config, wall: float, cpu: float, steps: int, source: str) -> None:
+def record_reference(
+    cfg: Config, wall: float, cpu: float, steps: int, source: str, *, world_size: int = 1
+) -> None:
     """Add one fixed-λ run's per-step seconds to the machine's ledger cache (the last 5 are kept)."""
     if steps <= 0 or not wall > 0:
         return
-    path = _cache_path(cfg)
+    path = _cache_path(cfg, world_size)
     try:
         old = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
@@ -109,9 +114,9 @@ def record_reference(cfg: Config, wall: float, cpu: float, steps: int, source: s
         log.warning("could not write the ledger cache %s: %s", path, exc)
 
 
-def lookup_reference(cfg: Config) -> dict[str, float] | None:
+def lookup_reference(cfg: Config, world_size: int = 1) -> dict[str, float] | None:
     """Median per-step ``{"wall_per_step", "cpu_per_step", "samples"}`` from the cache, or None."""
-    path = _cache_path(cfg)
+    path = _cache_path(cfg, world_size)
     try:
         samples = json.loads(path.read_text()).get("samples", []) if path.is_file() else []
     except (OSError, json.JSONDecodeError):
@@ -140,6 +145,7 @@ def run_cost(
     summary: Mapping[str, Any],
     *,
     calibrate: Callable[[Config], dict[str, float]] | None = None,
+    world_size: int = 1,
 ) -> dict:
     """The ledger entry of a finished run: ``{"cost": {...}, "plain_runs": x}`` for summary.json.
 
@@ -157,11 +163,12 @@ def run_cost(
     ref: dict[str, Any]
     if method in FIXED_METHODS:
         own = wall - float(summary.get("compile_seconds") or 0.0)  # per-step seconds, not compiling
-        record_reference(cfg, own, float(cpu or 0.0), steps, f"run {summary.get('run_dir')}")
+        source = f"run {summary.get('run_dir')}"
+        record_reference(cfg, own, float(cpu or 0.0), steps, source, world_size=world_size)
         cost = {"plain_runs": 1.0, "plain_runs_cpu": 1.0 if cpu is not None else None}
         ref = {"source": "self", "wall_seconds": wall, "cpu_seconds": cpu}
         return {"cost": {**cost, "reference": ref}, "plain_runs": 1.0}
-    found = lookup_reference(cfg)
+    found = lookup_reference(cfg, world_size)
     source = "cache"
     # baseline (no teacher term) only reads the cache: calibrating it would need a teacher
     if found is None and calibrate is not None and steps > 0 and method != "baseline":

@@ -27,7 +27,7 @@ import torch
 import metakd
 from metakd.config import Config, ConfigError
 from metakd.data import teacher
-from metakd.runs import ledger
+from metakd.runs import ledger, parallel
 from metakd.runs.build import (
     build,
     calibrate,
@@ -41,6 +41,7 @@ from metakd.runs.build import (
 from metakd.runs.check_grad import check_grad
 from metakd.runs.config import load_config
 from metakd.runs.rundir import RunDir, atomic_write_bytes
+from metakd.training.distributed import World, from_env
 from metakd.training.resume_state import CheckpointMismatch
 from metakd.training.trainer import Callback, Trainer
 
@@ -144,6 +145,7 @@ def train_run(
     callbacks: Sequence[Callback] = (),
     command: str | None = None,
     overwrite: bool = False,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Train one student as configured; returns the summary (also written to summary.json).
 
@@ -154,10 +156,15 @@ def train_run(
     A directory that already holds a run (checkpoints, metrics or summary) is refused without
     ``resume``, unless ``overwrite=True`` starts it over (its checkpoints and summary are deleted).
     ``command`` is recorded in the summary (default: the command line when run by the ``metakd``
-    console script).
+    console script). Under torchrun (``world``, default from the environment) rank 0 writes the run
+    and the other ranks follow it (:mod:`metakd.runs.parallel`).
     """
     device = resolve_device(cfg.device)
+    world = world or from_env(device)
     path = Path(run_dir if run_dir is not None else cfg.out or default_run_dir(cfg))
+    path = parallel.broadcast(path, world)  # rank 0's (a default name holds a timestamp)
+    if not world.is_main:
+        return parallel.follow(cfg, path, device, world, calibrate)
     if resume and not (path / "config.yaml").is_file():
         raise FileNotFoundError(
             f"cannot resume: {str(path)!r} holds no run (no config.yaml); drop --resume to start one"
@@ -177,7 +184,7 @@ def train_run(
             )
         with rd.attach_log(), contextlib.ExitStack() as stack:
             try:
-                return _train(cfg, rd, device, resume, callbacks, command, stack)
+                return _train(cfg, rd, device, resume, callbacks, command, stack, world)
             except CheckpointMismatch:
                 if before is not None:  # the run keeps the config its checkpoints were made with
                     atomic_write_bytes(rd.config_path, before)
@@ -195,18 +202,26 @@ def _holds_a_run(rd: RunDir) -> bool:
     return bool(rd.checkpoints()) or rd.metrics_path.exists() or rd.summary_path.exists()
 
 
-def _fill_cost(cfg: Config, rd: RunDir) -> dict[str, Any] | None:
-    """A completed run whose summary has no ledger entry (its process was killed while the ledger
-    calibrated, after the summary was written): the entry is computed and written; the summary,
-    else None (the run is not such a one)."""
+def _costless(rd: RunDir) -> dict[str, Any] | None:
+    """The summary of a completed run without its ledger entry (its process was killed while the
+    ledger calibrated, after the summary was written); None for any other run directory."""
     try:
         done = rd.read_summary()
     except ValueError:  # unreadable: the resume rewrites it
         return None
     if done is None or done.get("status") != "completed" or "cost" in done:
         return None
+    return done
+
+
+def _fill_cost(
+    cfg: Config, rd: RunDir, done: dict[str, Any], cal: parallel.Calibration
+) -> dict[str, Any]:
+    """:func:`_costless`'s run with its ledger entry computed and written (no training)."""
     log.info("%s is complete but has no cost (interrupted in the ledger); computing it", rd.path)
-    done.update(ledger.run_cost(cfg, done, calibrate=calibrate))
+    world_size = int(done.get("world_size") or 1)
+    done.update(ledger.run_cost(cfg, done, calibrate=cal, world_size=world_size))
+    cal.close()
     rd.write_summary(done)
     return done
 
@@ -241,11 +256,14 @@ def _record_failure(rd: RunDir, exc: BaseException) -> None:
 
 def _train(
     cfg: Config, rd: RunDir, device: torch.device, resume: bool, callbacks: Sequence[Callback],
-    command: str | None, stack: contextlib.ExitStack,
+    command: str | None, stack: contextlib.ExitStack, world: World,
 ) -> dict[str, Any]:  # fmt: skip
-    if resume and (done := _fill_cost(cfg, rd)) is not None:
-        return done
+    cal = parallel.Calibration(world, calibrate)
+    if resume and (done := _costless(rd)) is not None:
+        parallel.broadcast(parallel.Start(done=True), world)
+        return _fill_cost(cfg, rd, done, cal)
     ckpt = rd.load_checkpoint(required=("trainer", "rng")) if resume else None
+    parallel.broadcast(parallel.Start(epoch=None if ckpt is None else int(ckpt["epoch"])), world)
     cpu_base = float(ckpt.get("cpu_seconds", 0.0)) if ckpt is not None else 0.0
     cpu_start: list[float] = []  # process_time() when training started (CPU seconds of the loop)
 
@@ -259,7 +277,9 @@ def _train(
         rd.summary_path.unlink(missing_ok=True)
     splits, logits, model = build(cfg, device, callbacks, stack)
     writer = _MetricsWriter(rd)
-    trainer = Trainer(cfg, model, splits, logits, device=device, callbacks=[writer, *callbacks])
+    trainer = Trainer(
+        cfg, model, splits, logits, device=device, callbacks=[writer, *callbacks], world=world
+    )
     fingerprint = str(splits.info.get("fingerprint", ""))
     if ckpt is not None:
         _restore(trainer, ckpt, rd)
@@ -296,6 +316,7 @@ def _train(
     def summary(status: str) -> dict[str, Any]:
         return {
             "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "cpu_seconds": cpu_seconds(),
+            "world_size": world.size,
             "status": status,
             "device": str(device), "metakd_version": metakd.__version__, "git_commit": git_commit(),
             "run_dir": str(rd.path), "command": current, "commands": commands,
@@ -314,7 +335,8 @@ def _train(
         raise
     result = summary("completed")
     rd.write_summary(result)  # written before the ledger entry: a failed calibration loses nothing
-    result.update(ledger.run_cost(cfg, result, calibrate=calibrate))
+    result.update(ledger.run_cost(cfg, result, calibrate=cal, world_size=world.size))
+    cal.close()
     rd.write_summary(result)
     acc = result.get("test_accuracy")
     log.info(

@@ -96,7 +96,7 @@ class RunDir:
         ``overwrite``: the run there is started over), and an unreadable one is refused unless
         ``overwrite`` (it is the only record of what the run was)."""
         text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        if self.config_path.exists():
+        if self.config_path.exists() and not overwrite:
             old = _with_current_defaults(self.read_config())
             new = config_to_dict(cfg)
             changed = sorted(_diff_keys(old, new) - {"out"})
@@ -200,7 +200,13 @@ class RunDir:
 
     def checkpoint_path(self, epoch: int) -> Path:
         """``checkpoints/epoch-XXXXX.pt``: where the checkpoint of ``epoch`` is (or would be) saved."""
-        return self.checkpoint_dir / f"epoch-{epoch:05d}.pt"
+        return self.checkpoint_file(self.path, epoch)
+
+    @staticmethod
+    def checkpoint_file(run_dir: Path, epoch: int) -> Path:
+        """:meth:`checkpoint_path` of the run in ``run_dir``, without opening the directory (a
+        reader such as a rank > 0 of a distributed run creates nothing)."""
+        return Path(run_dir) / "checkpoints" / f"epoch-{epoch:05d}.pt"
 
     def save_checkpoint(self, state: Mapping[str, Any], epoch: int) -> Path:
         """Save ``state`` as ``checkpoints/epoch-XXXXX.pt`` atomically; keep it and the previous one.

@@ -1,4 +1,7 @@
-"""A warning when a metaparameter sits at the bound of its range for a long stretch of the run.
+"""What a run tells its user when λ or the student misbehave: λ stuck at a bound, a divergence's cause.
+
+:func:`divergence_cause` names the knob a non-finite training loss points at. :class:`BoundWatch`
+warns when a metaparameter sits at the bound of its range for a long stretch of the run.
 
 A bounded metaparameter v = lo + (hi - lo)·σ(r) (``sigmoid``) or v = lo + softplus(r) (``softplus``,
 lower bound only) that the hypergradient keeps pushing outwards ends at its bound: the one-step
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from metakd.config import MetaParamSpec
+from metakd.config import Config, MetaParamSpec
 
-__all__ = ["BoundWatch"]
+__all__ = ["BoundWatch", "divergence_cause"]
 
 
 class BoundWatch:
@@ -93,3 +97,21 @@ class BoundWatch:
             "(`metakd search --sampler hypergrad`, docs/search.md: on CIFAR-10, T held at 4 and "
             "β learned)"
         )
+
+
+def divergence_cause(lambdas: Mapping[str, Any], cfg: Config) -> str:
+    """Which knob a non-finite training loss points at: λ itself, a tiny temperature, or train.lr."""
+    lam = {k: torch.as_tensor(v).detach().double() for k, v in lambdas.items()}
+    bad = sorted(k for k, v in lam.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        return (
+            f"the metaparameters {', '.join(bad)} are not finite: the meta updates diverged; "
+            f"lower meta.lr (now {cfg.meta.lr:g}) or set meta.clip"
+        )
+    temp = lam.get("temperature")
+    if temp is not None and float(temp.min()) < 0.1:
+        return (
+            f"the temperature is {float(temp.min()):.3g}: raise meta.params.temperature.lo "
+            f"(the paper uses 0.1), or lower train.lr (now {cfg.train.lr:g})"
+        )
+    return f"the student diverged: lower train.lr (now {cfg.train.lr})"

@@ -29,6 +29,7 @@ from torch import Tensor
 from metakd.config import OPTIMIZER_METAPARAMS, ConfigError, MetaParamSpec, TrainConfig
 from metakd.functional import optim
 from metakd.functional.metaparams import constrain
+from metakd.functional.schedules import LrSchedule
 
 __all__ = ["OPTIMIZER_METAPARAMS", "OptimizerBinding", "torch_optimizer"]
 
@@ -57,6 +58,22 @@ class OptimizerBinding:
                     f"meta.params.{name}.shape={spec.shape}: the optimizer's {name} is one scalar "
                     "metaparameter (shape [])"
                 )
+
+    @classmethod
+    def of(
+        cls,
+        specs: Mapping[str, MetaParamSpec],
+        train: TrainConfig,
+        total_steps: int,
+        steps_per_epoch: int,
+    ) -> OptimizerBinding:
+        """The binding of a run: ``specs``' optimizer metaparameters and ``train``'s lr schedule."""
+        schedule = LrSchedule.of(
+            train.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            milestones=train.lr_milestones, gamma=train.lr_gamma, min_ratio=train.lr_min_ratio,
+            warmup_epochs=train.lr_warmup_epochs, warmup_start=train.lr_warmup_start,
+        )  # fmt: skip
+        return cls(specs, lr=train.lr, schedule=None if schedule.trivial else schedule)
 
     @property
     def names(self) -> list[str]:

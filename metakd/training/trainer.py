@@ -42,11 +42,12 @@ from metakd.data.targets import TeacherTargets
 from metakd.functional import losses, optim
 from metakd.functional.nn import FunctionalModel
 from metakd.training import objectives
-from metakd.functional.schedules import LrSchedule
 from metakd.training.callbacks import Callback
-from metakd.training.bounds import BoundWatch
+from metakd.training.diagnostics import BoundWatch, divergence_cause
+from metakd.training.distributed import World
 from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
+from metakd.training.methods.compiled import compiled_summary
 from metakd.training.optimizer_binding import OptimizerBinding, torch_optimizer
 from metakd.training.resume_state import load_optimizer, restore_counters
 from metakd.training.rows import log_due, metrics_row
@@ -83,8 +84,11 @@ class Trainer:
         *,
         device: torch.device | str | None = None,
         callbacks: Sequence[Callback] = (),
+        world: World | None = None,
     ) -> None:
         self.cfg = cfg
+        # several ranks (torchrun): each takes an equal shard of every batch (metakd.training.distributed)
+        self.world = world or World()
         self.method = cfg.meta.method
         self.model = model
         self.splits = splits
@@ -102,6 +106,13 @@ class Trainer:
             val_batch_size=cfg.meta.val_batch_size, augment=cfg.data.augment,
         )  # fmt: skip
         self.steps_per_epoch = self.stream.steps_per_epoch
+        n_val = int(splits.val.y.shape[0])
+        val_rows = min(cfg.meta.val_batch_size or n_val, n_val)
+        self.world.check_batches(
+            self.stream.n,
+            self.stream.batch_size,
+            val_rows if self.method in _META_METHODS else None,
+        )
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.fmodel = FunctionalModel(model)
         self.optimizer = torch_optimizer(cfg.train, model.parameters())
@@ -110,31 +121,24 @@ class Trainer:
             if self.method == "baseline"
             else init_meta(cfg, self.objective, splits, self.device)
         )
-        tc = cfg.train
-        schedule = LrSchedule.of(
-            tc.lr_schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-            milestones=tc.lr_milestones, gamma=tc.lr_gamma, min_ratio=tc.lr_min_ratio,
-            warmup_epochs=tc.lr_warmup_epochs, warmup_start=tc.lr_warmup_start,
+        self.binding = OptimizerBinding.of(  # meta.params.lr / weight_decay, train.lr_schedule
+            self.meta.specs if self.meta is not None else {}, cfg.train, self.total_steps,
+            self.steps_per_epoch,
         )  # fmt: skip
-        self.binding = OptimizerBinding(
-            self.meta.specs if self.meta is not None else {},
-            lr=tc.lr,
-            schedule=None if schedule.trivial else schedule,
-        )
         self._vector = MetaVector(self.meta) if self.meta is not None else None
         self.meta_opt = meta_optimizer(cfg, self.meta) if self.method in _META_METHODS else None
         self._plain_meta_sgd = cfg.meta.optimizer == "sgd" and cfg.meta.momentum == 0
-        self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
-        # The meta step's seam (metakd.training.methods): when meta steps happen, and how dL_val/dλ is computed.
-        self.schedule: MetaSchedule = build_schedule(self)
-        self.step = 0
-        self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
-        # a warning when a metaparameter sits at its bound for a tenth of the run (metakd.training.bounds)
+        # a warning when a metaparameter sits at its bound for a tenth of the run (metakd.training.diagnostics)
         self.bounds = (
             BoundWatch(self.meta.specs, self.total_steps // cfg.meta.every)
             if self.meta is not None and self.method in _META_METHODS
             else None
         )
+        self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
+        # The meta step's seam (metakd.training.methods): when meta steps happen, and how dL_val/dλ is computed.
+        self.schedule: MetaSchedule = build_schedule(self)
+        self.step = 0
+        self.counters = {"hypergradient_steps": 0, "predicted_steps": 0, "skipped_meta_steps": 0}
         self.wall_base = 0.0
         self.last_eval: dict[str, float] = {}
         self.best = {"val_accuracy": -math.inf, "test_accuracy": -math.inf}
@@ -182,17 +186,25 @@ class Trainer:
     def inner_optimizer(self) -> tuple[optim.InnerOptimizer, Any]:
         """The functional twin of the real optimizer and its current state, with ``meta.params.lr`` /
         ``weight_decay`` bound to raw λ (:mod:`metakd.training.optimizer_binding`): what unrolls differentiate."""
-        return self.binding.functional(
+        inner, state = self.binding.functional(
             self.optimizer, dict(self.model.named_parameters()), self.step
         )
+        # several ranks: every inner gradient is the global batch's, through a differentiable all-reduce
+        return self.world.averaged(inner), state
 
     def batch(self, step: int) -> Batch:
-        """The train batch (x, y, teacher logits) of 0-based ``step``."""
-        return self.stream.batch(step)
+        """The train batch (x, y, teacher logits) of 0-based ``step`` (this rank's shard of it)."""
+        x, y, t = self.stream.batch(step)
+        if not self.world.distributed:
+            return x, y, t
+        return self.world.shard(x), self.world.shard(y), self.world.shard(t)  # type: ignore[return-value]
 
     def val_batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The validation batch of the meta step at ``step``."""
-        return self.stream.val_batch(step)
+        """The validation batch of the meta step at ``step`` (this rank's shard of it)."""
+        x, y = self.stream.val_batch(step)
+        if not self.world.distributed:
+            return x, y
+        return self.world.shard(x), self.world.shard(y)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ steps
     def phase(self, step: int) -> str:
@@ -250,9 +262,13 @@ class Trainer:
         raw tensor) and whether it is finite. Nothing in the trainer changes
         (:mod:`metakd.training.methods`).
         """
-        return self._hypergrad_method().hypergradient(
+        grads, finite = self._hypergrad_method().hypergradient(
             step, train_steps=train_steps, val_batch=val_batch
         )
+        if self.world.distributed:  # eq. (2) of metakd.training.distributed: Σ_r (1/R)·local
+            grads = {k: self.world.sum_(g) / self.world.size for k, g in grads.items()}
+            finite = self.world.all_true(finite)
+        return grads, finite
 
     def _hypergrad_method(self) -> HypergradMethod:
         method = self.schedule.method
@@ -310,9 +326,11 @@ class Trainer:
         self.binding.apply(self.optimizer, lam, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model(x), y, t, lam)
-        value = float(loss.detach())
+        # several ranks: the global batch's loss (the mean of equal shards' means) and gradient
+        value = float(self.world.sum_(loss.detach()) / self.world.size)
         if math.isfinite(value):
             loss.backward()
+            self.world.average_([p.grad for p in self.model.parameters() if p.grad is not None])
             self.optimizer.step()
         return value
 
@@ -397,24 +415,7 @@ class Trainer:
                 (cb.on_eval if evaluated else cb.on_step)(row)
         if bad:
             where = f"training loss became {loss} at step {s + 1} (epoch {s // self.steps_per_epoch + 1})"
-            raise FloatingPointError(f"{where}; {self._divergence_cause()}")
-
-    def _divergence_cause(self) -> str:
-        """Which knob a non-finite training loss points at: λ itself, a tiny temperature, or train.lr."""
-        lam = {k: torch.as_tensor(v).detach().double() for k, v in self.lambdas().items()}
-        bad = sorted(k for k, v in lam.items() if not bool(torch.isfinite(v).all()))
-        if bad:
-            return (
-                f"the metaparameters {', '.join(bad)} are not finite: the meta updates diverged; "
-                f"lower meta.lr (now {self.cfg.meta.lr:g}) or set meta.clip"
-            )
-        temp = lam.get("temperature")
-        if temp is not None and float(temp.min()) < 0.1:
-            return (
-                f"the temperature is {float(temp.min()):.3g}: raise meta.params.temperature.lo "
-                f"(the paper uses 0.1), or lower train.lr (now {self.cfg.train.lr:g})"
-            )
-        return f"the student diverged: lower train.lr (now {self.cfg.train.lr})"
+            raise FloatingPointError(f"{where}; {divergence_cause(self.lambdas(), self.cfg)}")
 
     # ------------------------------------------------------------------ results and state
     def summary(self) -> dict[str, Any]:
@@ -438,18 +439,8 @@ class Trainer:
             "phase_seconds": dict(self.phase_seconds),
             **self.schedule.summary(),  # forecaster, forecast_target, window
             "unroll": method.unroll if method is not None else None,
-            **self._compiled_summary(),
+            **compiled_summary(self.schedule),
         }
-
-    def _compiled_summary(self) -> dict[str, Any]:
-        """``compiled``: whether the steps ran compiled (``train.compile``, metakd.training.methods.compiled;
-        False after a fallback to eager) and ``compile_seconds`` this process spent compiling."""
-        steps = getattr(self.schedule, "compiled", None) or getattr(
-            self.schedule.method, "compiled", None
-        )
-        if steps is None:
-            return {"compiled": False, "compile_seconds": 0.0}
-        return {"compiled": not steps.eager, "compile_seconds": steps.compile_seconds}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (loads with ``torch.load(weights_only=True)``)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from metakd.config import ConfigError
+from metakd.training.distributed import EXACT_METHODS
 from metakd.training.methods import compiled, forecast, implicit, lookahead, online, schedules
 from metakd.training.methods.base import Grads, HypergradMethod
 from metakd.training.methods.compiled import CompiledLookAhead
@@ -98,6 +99,15 @@ def build_schedule(trainer: Trainer) -> MetaSchedule:
             " subclass; subclass it (see the metakd.training.methods docstring)"
         )
     method = cls(trainer)
+    hc = trainer.cfg.meta.hypergrad
+    if trainer.world.distributed and not (
+        type(method) is LookAhead and key in EXACT_METHODS and hc.backend == "func"
+    ):
+        raise ConfigError(
+            f"meta.hypergrad.method={key} (backend {hc.backend}) has no exact hypergradient of the "
+            f"global batch under {trainer.world.size} ranks; methods that do: "
+            f"{', '.join(EXACT_METHODS)} with meta.hypergrad.backend=func (or run one process)"
+        )
     if compiled.chosen(trainer, method):  # the reverse engine, compiled where train.compile says
         method = compiled.CompiledLookAhead(trainer)
     method.check_metaparams()  # (again, for methods that do not call it themselves)

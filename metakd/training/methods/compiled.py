@@ -50,7 +50,14 @@ if TYPE_CHECKING:
     from metakd.data.batches import Batch
     from metakd.training.trainer import Trainer
 
-__all__ = ["AUTO_MIN_STEPS", "CompiledLookAhead", "CompiledSteps", "chosen", "compile_plan"]
+__all__ = [
+    "AUTO_MIN_STEPS",
+    "CompiledLookAhead",
+    "CompiledSteps",
+    "chosen",
+    "compile_plan",
+    "compiled_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,8 @@ def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
         return "hypergrad.unroll_optimizer=sgd is not compiled"
     if trainer.binding.names:
         return "a metaparameter-valued optimizer hyperparameter (meta.params.lr/weight_decay)"
+    if trainer.world.distributed:
+        return "several ranks (torch.distributed): the steps all-reduce their gradients"
     if trainer.binding.schedule is not None:
         return "a student lr schedule (train.lr_schedule / lr_warmup_epochs)"
     if next(trainer.model.buffers(), None) is not None:
@@ -337,3 +346,12 @@ def _state_tensors(state: Any) -> list[Tensor]:
     if isinstance(state, optim.AdamState):
         return [*state.exp_avg, *state.exp_avg_sq]
     return list(state.momentum)
+
+
+def compiled_summary(schedule: Any) -> dict[str, Any]:
+    """``compiled``: whether a trainer's steps ran compiled (``train.compile``; False after a fallback
+    to eager) and ``compile_seconds`` this process spent compiling (its ``schedule``'s, summary.json)."""
+    steps = getattr(schedule, "compiled", None) or getattr(schedule.method, "compiled", None)
+    if steps is None:
+        return {"compiled": False, "compile_seconds": 0.0}
+    return {"compiled": not steps.eager, "compile_seconds": steps.compile_seconds}

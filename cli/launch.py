@@ -1,0 +1,77 @@
+"""``--nproc N``: start this very command on N ranks of one node with torchrun's own launcher.
+
+``metakd train ... --nproc 2`` is ``torchrun --standalone --nproc-per-node 2 -m metakd_cli.main train ...``
+(``torch.distributed.run``, the code behind the ``torchrun`` script: its rendezvous, worker
+monitoring and teardown), so nothing about starting processes is metakd's own. When a worker dies,
+torchrun stops the others; this module turns its report into one line naming the rank, and the
+run directory (written by rank 0 only, checkpoints atomic) stays resumable with ``--resume``.
+Several nodes: run ``torchrun --nnodes ... --rdzv-endpoint HOST:PORT -m metakd_cli.main train ...``
+on each (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+
+__all__ = ["launch", "rank", "without_nproc"]
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (what each rank runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _how(failure: object) -> str:
+    code = int(getattr(failure, "exitcode", 1))
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(nproc: int, argv: Sequence[str]) -> str | None:
+    """Run ``python -m metakd_cli.main *argv`` on ``nproc`` local ranks and wait; None when every rank
+    finished, else one line saying which rank failed first and how."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's agent logs each worker's start and teardown; the one line below says what matters
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = parse_args(
+        [
+            "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+            "--monitor-interval", "0.5", "--rdzv-id", uuid.uuid4().hex,
+            "-m", "metakd_cli.main", *argv,
+        ]
+    )  # fmt: skip
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        failures = sorted(exc.failures.items(), key=lambda kv: getattr(kv[1], "timestamp", 0))
+        first, failure = failures[0]
+        others = f" ({len(failures) - 1} more rank(s) stopped)" if len(failures) > 1 else ""
+        pid = getattr(failure, "pid", "?")
+        return f"rank {first} (pid {pid}) {_how(failure)}{others}"
+    finally:
+        sys.stdout.flush()
+    return None
