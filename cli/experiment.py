@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from metakd.config import ConfigError
+from metakd_cli import launch
 from metakd_cli.app import (
     ArgsArg,
     DeviceOpt,
@@ -93,6 +94,8 @@ def experiment(
     """Run a grid of methods × seeds and tabulate the results."""
     from metakd.reporting.progress import ExperimentProgress
 
+    main_rank = launch.rank() == 0  # under torchrun only rank 0 shows progress and prints
+    quiet = quiet or not main_rank
     console = _setup_logging(quiet)
     exp_dir: list[Path] = []  # for the error messages: it is kept, the same command continues it
     with _user_errors(exp_dir, resume="run the same command again to continue it"):
@@ -133,6 +136,8 @@ def experiment(
                 quiet=quiet,
                 threads=threads,
             )
+    if not main_rank:
+        return
     results = out_dir / "results.md"
     if results.is_file():
         typer.echo(results.read_text().rstrip())

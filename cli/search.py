@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from metakd.config import ConfigError
+from metakd_cli import launch
 from metakd_cli.app import (
     ArgsArg,
     DeviceOpt,
@@ -142,6 +145,8 @@ def search(
     """
     from metakd.reporting.progress import ExperimentProgress
 
+    main_rank = launch.rank() == 0  # under torchrun (the pipeline) only rank 0 shows and prints
+    quiet = quiet or not main_rank
     console = _setup_logging(quiet)
     with _user_errors():
         cfg = load_cli_config(args, seed=seed, device=device, wandb=wandb, wandb_env=True)
@@ -165,6 +170,12 @@ def search(
         else:
             from metakd.runs.search import run_search
 
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError(
+                    f"--sampler {sampler.value} under torchrun would start one study per rank; a "
+                    "search spreads over GPUs and machines as one Optuna study with one worker "
+                    "per GPU (metakd search ... --storage URL --worker K, docs/distributed.md)"
+                )
             if finder_epochs is not None:
                 raise ValueError("--finder-epochs is for --sampler hypergrad")
             n_grid = 1
@@ -195,6 +206,8 @@ def search(
                     retrain_seeds=seeds, callbacks_factory=factory, on_trial=on_trial,
                     import_results=import_results,
                 )  # fmt: skip
+    if not main_rank:
+        return
     if as_json:
         typer.echo(json.dumps(results, default=str))
     else:

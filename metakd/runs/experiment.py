@@ -13,6 +13,7 @@ Results (``results.md``, ``results.csv``, ``results.json`` in ``out_dir``) are c
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -26,7 +27,9 @@ from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
 from metakd.reporting.tables import aggregate, results_csv, results_markdown
+from metakd.runs import parallel
 from metakd.runs.rundir import atomic_write_text, lock_dir, read_summary_file
+from metakd.training.distributed import World
 
 __all__ = ["METHODS", "run_dir_for", "run_experiment"]
 
@@ -48,6 +51,7 @@ class _Job:
     cfg: Config
     run_dir: Path
     resume: bool
+    main: bool = True  # rank 0 (or one process): writes the cell's label into its summary
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -103,12 +107,16 @@ def _run_config(cfg: Config, method: str, seed: int, run_dir: Path, out_dir: Pat
         raise ConfigError(f"the config of {method} seed {seed} is invalid: {exc}") from None
 
 
-def _label(run_dir: Path, summary: dict[str, Any], method: str) -> dict[str, Any]:
+def _label(
+    run_dir: Path, summary: dict[str, Any], method: str, write: bool = True
+) -> dict[str, Any]:
     """Record the grid method as ``summary["label"]`` when it differs from the trainer's method
-    (``optimal`` runs train with ``fixed``), so reports group them apart."""
+    (``optimal`` runs train with ``fixed``), so reports group them apart (``write``: in summary.json
+    too; a rank > 0 writes nothing)."""
     if summary.get("method") != method and summary.get("label") != method:
         summary = {**summary, "label": method}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if write:
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -121,7 +129,7 @@ def _execute(
         train_fn = importlib.import_module("metakd.runs.run").train_run
     callbacks = list(callbacks_factory(job.cfg, job.run_dir)) if callbacks_factory else []
     summary = train_fn(job.cfg, job.run_dir, resume=job.resume, callbacks=callbacks)
-    return _label(job.run_dir, dict(summary), job.method)
+    return _label(job.run_dir, dict(summary), job.method, write=job.main)
 
 
 def _init_worker(threads: int, chosen: bool) -> None:
@@ -213,17 +221,26 @@ def run_experiment(
                 f"method 'optimal' needs the finished hypergrad run of each seed, missing for seeds "
                 f"{missing} under {out / 'hypergrad'}; add 'hypergrad' to the methods"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    with lock_dir(out):  # a second experiment on the same --out is refused, naming this PID
-        return _run_grid(
-            cfg, methods, seeds, out, workers, callbacks_factory, quiet, train_fn, threads
+    world = parallel.world_for(cfg)  # under torchrun every cell runs on all ranks; rank 0 writes
+    out = parallel.broadcast(out, world)  # rank 0's (a default name holds a timestamp)
+    if world.distributed and workers > 1:
+        raise ConfigError(
+            f"--workers {workers} runs cells in separate processes, but under torchrun every cell "
+            f"already runs on all {world.size} ranks: use --workers 1"
         )
+    out.mkdir(parents=True, exist_ok=True)
+    # a second experiment on the same --out is refused, naming this PID (rank 0 holds it)
+    with lock_dir(out) if world.is_main else contextlib.nullcontext():
+        return _run_grid(
+            cfg, methods, seeds, out, workers, callbacks_factory, quiet or not world.is_main,
+            train_fn, threads, world,
+        )  # fmt: skip
 
 
 def _run_grid(
     cfg: Config, methods: list[str], seeds: list[int], out: Path, workers: int,
     callbacks_factory: CallbacksFactory | None, quiet: bool, train_fn: TrainFn | None,
-    threads: int | None,
+    threads: int | None, world: World,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The body of :func:`run_experiment`, run while holding the lock on ``out``."""
 
@@ -236,14 +253,15 @@ def _run_grid(
     def job_for(method: str, seed: int) -> _Job | None:
         """The job of a cell, or None (result stored) when it is finished already."""
         run_dir = run_dir_for(out, method, seed)
-        done = _read_summary(run_dir)
+        done = parallel.broadcast(_read_summary(run_dir) if world.is_main else None, world)
         if done is not None and done.get("status") != "failed":
             say(f"{method} seed {seed}: finished, skipped ({run_dir})")
-            results[(method, seed)] = _label(run_dir, done, method)
+            results[(method, seed)] = _label(run_dir, done, method, world.is_main)
             return None
         resume = (run_dir / "config.yaml").is_file()  # a started run: continue from its checkpoint
         say(f"{method} seed {seed}: {'resuming' if resume else 'starting'} in {run_dir}")
-        return _Job(method, seed, _run_config(cfg, method, seed, run_dir, out), run_dir, resume)
+        run_cfg = _run_config(cfg, method, seed, run_dir, out)
+        return _Job(method, seed, run_cfg, run_dir, resume, world.is_main)
 
     def finished(job: _Job, summary: dict[str, Any]) -> None:
         results[(job.method, job.seed)] = summary
@@ -310,6 +328,7 @@ def _run_grid(
             raise RuntimeError(message) from cause
 
     summaries = [results[(m, s)] for m in methods for s in seeds]
-    _write_results(out, summaries, cfg)
+    if world.is_main:
+        _write_results(out, summaries, cfg)
     say(f"results: {out / 'results.md'}")
     return summaries

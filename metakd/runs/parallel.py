@@ -23,14 +23,21 @@ from typing import Any
 import torch
 
 from metakd.config import Config
-from metakd.runs.build import build, set_rng_state
+from metakd.runs.build import build, resolve_device, set_rng_state
 from metakd.runs.rundir import RunDir
-from metakd.training.distributed import World
+from metakd.training.distributed import World, from_env
 from metakd.training.trainer import Trainer
 
-__all__ = ["Calibration", "Start", "broadcast", "follow"]
+__all__ = ["Calibration", "Start", "broadcast", "follow", "world_for"]
 
 log = logging.getLogger(__name__)
+
+
+def world_for(cfg: Config) -> World:
+    """The ranks a command runs on (torchrun's environment; one process outside it). The grid of
+    ``metakd experiment`` and the pipeline take their per-cell decisions (skip a finished run,
+    resume a started one) on rank 0 and :func:`broadcast` them, and only rank 0 writes results."""
+    return from_env(resolve_device(cfg.device))
 
 
 def broadcast(value: Any, world: World) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 from metakd.config import Config, ConfigError, config_to_dict
 from metakd.reporting.search_tables import mean_std
+from metakd.runs import parallel
 from metakd.runs.rundir import _diff_keys
 from metakd.runs.search import _comparable, _same_teacher_path, teacher_digest
 from metakd.runs.search_results import write_results
@@ -83,6 +84,10 @@ def run_pipeline(
     train = train_fn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    world = parallel.world_for(
+        cfg
+    )  # under torchrun each run is on all ranks; rank 0 decides, writes
+    say = say if world.is_main else None
     settings = _settings(cfg)  # once: it hashes the teacher checkpoint
     known: dict[int, dict[str, Any]] = {}
     if import_results is not None:
@@ -102,7 +107,7 @@ def run_pipeline(
                 )
 
     def run(run_cfg: Config, run_dir: Path, label: str) -> dict[str, Any]:
-        summary = _done(run_dir)
+        summary = parallel.broadcast(_done(run_dir) if world.is_main else None, world)
         if summary is not None and "cost" in summary:
             if say:
                 say(f"{label}: finished, kept ({run_dir})")
@@ -117,13 +122,16 @@ def run_pipeline(
         return train(run_cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), callbacks=cbs)
 
     def write() -> dict[str, Any]:
+        if not world.is_main:  # the results of a rank > 0: not written
+            return _results(cfg, finder_epochs, settings, [*known.values(), *rows])
         return _write(out, cfg, finder_epochs, settings, [*known.values(), *rows])
 
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] | None = None
     for s in seeds:
         fdir, rdir = out / "finder" / f"seed-{s}", out / "retrain" / f"seed-{s}"
-        if int(s) in known and _done(fdir) is None and _done(rdir) is None:
+        imported = int(s) in known and _done(fdir) is None and _done(rdir) is None
+        if parallel.broadcast(imported, world):
             if say:
                 say(f"seed {s}: imported from {known[int(s)]['imported_from']}")
             rows.append(known[int(s)])
