@@ -150,7 +150,7 @@ def _torchopt_transform(opt: _optim.InnerOptimizer) -> Any:
 
 
 def _torchopt_state(opt: _optim.InnerOptimizer, tstate: Any, state: Any) -> Any:
-    """Carry a metakd optimizer state into torchopt's state tree.
+    """Carry a metakd optimizer state into torchopt's state tree (``opt``'s hyperparameters are numbers).
 
     Adam's step counter is stored as float64: torchopt's integer counter makes ``1 - β^t`` a float32
     number, which puts a ~1e-7 relative error into every float64 step.
@@ -167,7 +167,11 @@ def _torchopt_state(opt: _optim.InnerOptimizer, tstate: Any, state: Any) -> Any:
             if step and isinstance(state, _optim.AdamState):
                 sub = sub._replace(mu=list(state.exp_avg), nu=list(state.exp_avg_sq))
         elif step and isinstance(sub, TraceState):
-            sub = sub._replace(trace=list(state.momentum))
+            # torchopt's trace takes its first update as trace + g (no ·momentum: the buffer is
+            # zero at a true first step); a carried buffer b must give momentum·b + g, so enter
+            # it pre-scaled (tests/test_public_options.py)
+            mom = opt.hparams["momentum"]
+            sub = sub._replace(trace=[mom * b for b in state.momentum])
         out.append(sub)
     return tuple(out)
 
