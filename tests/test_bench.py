@@ -33,14 +33,7 @@ def test_run_bench_structure_and_agreement(tmp_path):
             assert r["rel_diff_vs_reverse"] <= 1e-3, (engine, eta, r["rel_diff_vs_reverse"])
     fd = rows[("metakd/finite-difference", 1)]["rel_diff_vs_reverse"]
     assert fd is not None and fd < 0.1
-    ratios = {e["eta"]: e for e in res["ratios"]}
-    r1 = ratios[1]
-    t = {n: rows[(n, 1)]["time_s"] for n in ("metakd/reverse", "higher", "torchopt", "plain")}
-    assert r1["reverse/higher"] == pytest.approx(t["metakd/reverse"] / t["higher"])
-    assert r1["reverse/best_external"] == pytest.approx(
-        t["metakd/reverse"] / min(t["higher"], t["torchopt"])
-    )
-    assert r1["reverse/plain"] == pytest.approx(t["metakd/reverse"] / t["plain"])
+    assert [e["eta"] for e in res["ratios"]] == [1, 2]
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["results"] == json.loads(json.dumps(res["results"]))
     assert "| metakd/reverse |" in (tmp_path / "bench.md").read_text()
