@@ -125,8 +125,8 @@ class OptimizerBinding:
 def torch_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     """The real student optimizer of ``train.optimizer`` (torch.optim.Adam / SGD)."""
     params = list(params)
-    # torch's multi-tensor Adam gives the very same numbers as its per-tensor loop (the CPU default;
-    # tests/test_trainer.py) and is faster from a handful of tensors on; tiny models keep the loop
+    # torch's multi-tensor Adam and its per-tensor loop (the CPU default) are both Adam as written out
+    # (tests/test_trainer.py); multi-tensor is faster from a handful of tensors on, tiny models keep the loop
     foreach = len(params) >= _FOREACH_MIN_TENSORS
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
