@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "DATA_SOURCES",
     "OPTIMIZER_METAPARAMS",
     "SEED_MAX",
     "Config",
@@ -104,8 +105,37 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+#: the built-in data sources (metakd.data.sources); any other data.name is an import path
+DATA_SOURCES = ("synthetic", "cifar10", "imagefolder")
+
+#: a transform: a preset name, an import path of a factory, or a list of torchvision.transforms.v2 steps
+TransformSpec = str | list[dict[str, Any]] | None
+
+
 class DataConfig(_Strict):
-    name: Literal["synthetic", "cifar10", "imagefolder"] = "synthetic"
+    """The data (:mod:`metakd.data`): a built-in source or a user's datasets by import path, its sizes and
+    transforms. Sources, transforms and the factory contract: :mod:`metakd.data.sources`, docs/your-data.md."""
+
+    name: str = Field(
+        default="synthetic",
+        description="synthetic | cifar10 | imagefolder, or 'package.module:name': a function returning "
+        "torch Datasets ({'train', 'test'} or {'train', 'val', 'test'}) or a Dataset class "
+        "(torchvision.datasets:CIFAR100); kwargs: data.kwargs",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the data factory / Dataset class"
+    )
+    train_transform: TransformSpec = Field(
+        default=None,
+        description="random transform of each train batch (seeded by run seed and step): a preset "
+        "(cifar, imagenet), [{name: <torchvision.transforms.v2 class>, kwargs: {...}}, ...] or "
+        "'package.module:make_transform'; None: none (data.augment: the cifar crop + flip)",
+    )
+    eval_transform: TransformSpec = Field(
+        default=None,
+        description="deterministic transform applied once to every example when the data is loaded "
+        "(e.g. a resize); same forms as train_transform",
+    )
     # synthetic (PAPER.md): x ~ N(0, I2), y = [sign(x1 x2 + noise eps) > 0]
     published: bool = Field(
         default=False, description="the published dataset: numpy legacy seed 42, same draw order"
@@ -131,6 +161,46 @@ class DataConfig(_Strict):
         le=SEED_MAX,
         description="seed of the data split/generation; None uses the run seed",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in DATA_SOURCES or _is_import_path(v):
+            return v
+        raise ValueError(
+            f"unknown data source {v!r}; use one of {', '.join(DATA_SOURCES)} or an import path "
+            "'package.module:name' (a function returning Datasets, or a Dataset class)"
+        )
+
+    @field_validator("train_transform", "eval_transform")
+    @classmethod
+    def _transform(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, step in enumerate(v):
+                if (
+                    not isinstance(step, dict)
+                    or "name" not in step
+                    or set(step) - {"name", "kwargs"}
+                ):
+                    raise ValueError(
+                        f"transform step {i} must be {{name: <torchvision.transforms.v2 class or "
+                        f"import path>, kwargs: {{...}}}}, got {step!r}"
+                    )
+        return v
+
+    @model_validator(mode="after")
+    def _augment_or_transform(self) -> DataConfig:
+        if self.augment and self.train_transform is not None:
+            raise ValueError(
+                "data.augment and data.train_transform both set: data.augment is the cifar preset's "
+                "crop + flip; keep one"
+            )
+        return self
+
+
+def _is_import_path(v: str) -> bool:
+    module, _, attr = v.partition(":") if ":" in v else v.rpartition(".")
+    return bool(module and attr) and all(p.isidentifier() for p in module.split("."))
 
 
 class TeacherConfig(_Strict):

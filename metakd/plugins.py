@@ -17,7 +17,9 @@ General API (for any plug-in key, e.g. a user objective ``objective: mymod:MyLos
 or a function whose return annotation is such a class (``def wide(num_classes: int) -> WideNet``),
 since a function without one cannot be checked without calling it. The kinds used by metakd:
 :func:`load_model` (``torch.nn.Module``), :func:`load_forecaster` (a class with ``fit``/``predict``),
-:func:`load_estimator` (a scikit-learn estimator: ``fit``/``predict``/``get_params``/``set_params``).
+:func:`load_estimator` (a scikit-learn estimator: ``fit``/``predict``/``get_params``/``set_params``),
+:func:`load_data_source` (a ``torch.utils.data.Dataset`` subclass, or a function annotated to return the
+datasets: ``-> dict[str, Dataset]`` or a tuple).
 
 The working directory: a path whose module is not found on ``sys.path`` is retried once with the
 current working directory **appended** to ``sys.path``, where it then stays for the rest of the
@@ -36,7 +38,7 @@ import logging
 import os
 import sys
 import typing
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 from metakd.config import ConfigError
@@ -44,9 +46,12 @@ from metakd.config import ConfigError
 __all__ = [
     "class_or_factory",
     "describe",
+    "is_data_factory",
+    "is_dataset_class",
     "is_estimator_class",
     "is_forecaster_class",
     "is_module_class",
+    "load_data_source",
     "load_estimator",
     "load_forecaster",
     "load_model",
@@ -295,4 +300,36 @@ def load_estimator(path: str, kind: str = "estimator") -> Callable[..., Any]:
             expected="a scikit-learn estimator class (fit/predict/get_params/set_params)",
             fix="give a regressor such as 'sklearn.linear_model:Ridge'",
         ),
+    )
+
+
+def is_dataset_class(cls: type) -> bool:
+    """``cls`` subclasses ``torch.utils.data.Dataset`` (torchvision's datasets do)."""
+    from torch.utils.data import Dataset
+
+    return issubclass(cls, Dataset)
+
+
+def is_data_factory(obj: Any) -> bool:
+    """A function (not a built-in) annotated to return a mapping or a tuple (``-> dict[str, Dataset]``):
+    the data factory contract of :mod:`metakd.data.factory`. Nothing is called."""
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        return False
+    try:
+        ret = typing.get_type_hints(obj).get("return")
+    except Exception:
+        return False
+    origin = typing.get_origin(ret) or ret
+    return isinstance(origin, type) and issubclass(origin, (Mapping, tuple))
+
+
+def load_data_source(path: str, kind: str = "data.name") -> Any:
+    """A ``torch.utils.data.Dataset`` subclass, or a function annotated to return its datasets."""
+    return load_object(
+        path,
+        kind=kind,
+        check=lambda obj: (isinstance(obj, type) and is_dataset_class(obj)) or is_data_factory(obj),
+        expected="a torch Dataset class or a function annotated '-> dict[str, Dataset]'",
+        fix="give a Dataset class (torchvision.datasets:CIFAR100) or a function "
+        "'def make(...) -> dict[str, Dataset]' returning {'train': ..., 'test': ...}",
     )

@@ -441,6 +441,47 @@ def test_check_grad_default_is_well_above_float_noise(tmp_path, monkeypatch):
     assert scale > 1e-5 and floor < 1e-4 * scale
 
 
+# η = 1 SGD at lr 0.5: a hypergradient of ~1e-2 (β1), far above the check's resolution; the
+# finite-difference *method* (DARTS, error O(fd_eps²)) with a large fd_eps is a wrong hypergradient
+# reached through the real code path (no monkeypatch): ~4 % off at fd_eps = 1, ~27 % at 3.
+WRONG = ["teacher.epochs=200", "data.cache_dir=cache", "--device", "cpu", "train.optimizer=sgd",
+         "train.lr=0.5", "meta.unroll=1", "meta.hypergrad.method=finite-difference"]  # fmt: skip
+
+
+def _worst(stdout: str) -> float:
+    return float(stdout.split("max relative error ")[1].split(" ")[0])
+
+
+def test_check_grad_reports_a_wrong_hypergradient(tmp_path, monkeypatch):
+    """A real check-grad of a deliberately wrong hypergradient (fd_eps = 3): MISMATCH, exit 3, the
+    entries past --tol marked NO; at the default fd_eps = 0.01 the same setting passes (the O(ε²)
+    error shrinks 9e4-fold), so the mismatch is the hypergradient's, not the check's."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("check-grad", *WRONG, "meta.hypergrad.fd_eps=3")
+    assert result.exit_code == 3, result.output
+    assert "(tolerance 0.01): MISMATCH" in result.stdout and "NO" in result.stdout
+    assert _worst(result.stdout) > 0.1
+    good = invoke("check-grad", *WRONG)
+    assert good.exit_code == 0, good.output
+    assert "(tolerance 0.01): OK" in good.stdout and _worst(good.stdout) < 0.01
+
+
+def test_check_grad_tol_decides_a_borderline_case(tmp_path, monkeypatch):
+    """fd_eps = 1: a relative error X of a few percent (exit 3 at the default --tol 0.01); the same
+    check passes with --tol 5 % above X and fails 5 % below it (the run is deterministic, X is
+    printed to 3 digits: 0.5 % at most)."""
+    monkeypatch.chdir(tmp_path)
+    first = invoke("check-grad", *WRONG, "meta.hypergrad.fd_eps=1")
+    assert first.exit_code == 3, first.output
+    worst = _worst(first.stdout)
+    assert 0.01 < worst < 0.1
+    above = invoke("check-grad", *WRONG, "meta.hypergrad.fd_eps=1", "--tol", f"{1.05 * worst:.5g}")
+    assert above.exit_code == 0, above.output
+    assert f"(tolerance {1.05 * worst:.5g}): OK" in above.stdout
+    below = invoke("check-grad", *WRONG, "meta.hypergrad.fd_eps=1", "--tol", f"{0.95 * worst:.5g}")
+    assert below.exit_code == 3 and f"(tolerance {0.95 * worst:.5g}): MISMATCH" in below.stdout
+
+
 # --------------------------------------------------------------------------- real runs
 
 HAS_RUN = importlib.util.find_spec("metakd.runs.run") is not None

@@ -2,7 +2,7 @@
 
 Epoch e shuffles D_train with a generator seeded by (seed, 0, e); step s of the epoch takes rows
 [s·B, (s+1)·B) of that permutation (the last batch may be shorter; full batch when B is None).
-Augmentation of step s draws from (seed, 2, s) and the validation batch of a meta step at s from
+The random train transform of step s (``data.augment``, ``data.train_transform``) draws from (seed, 2, s) and the validation batch of a meta step at s from
 (seed, 1, s). So a hypergradient can look ahead at the batches the next η real steps will
 consume, and a resumed run sees the same batches without any stream state in its checkpoint.
 
@@ -43,8 +43,10 @@ class BatchStream:
     """Train batches (x, y, teacher logits) and validation batches of one run.
 
     ``teacher``: the :class:`~metakd.data.targets.TeacherTargets` of the batches (or a (N, K) table / the
-    ``{"train", ...}`` logits, taken as cached logits), None without a teacher. ``augment`` needs a live
-    teacher: cached logits of the un-augmented images are not the targets of the augmented ones.
+    ``{"train", ...}`` logits, taken as cached logits), None without a teacher. The batches are transformed by
+    ``splits.train_transform`` (``data.train_transform``), else with ``augment`` by ``data.augment``'s crop +
+    flip; either needs a live teacher: cached logits of the stored inputs are not the targets of transformed
+    ones.
     """
 
     def __init__(
@@ -59,7 +61,12 @@ class BatchStream:
     ) -> None:
         self.splits = splits
         self.teacher = as_targets(teacher)
-        if augment and self.teacher is not None and not self.teacher.live:
+        self.transform = splits.train_transform
+        if self.transform is None and augment:
+            from metakd.data.transforms import CropFlip  # pulls in torchvision; import on demand
+
+            self.transform = CropFlip()
+        if self.transform is not None and self.teacher is not None and not self.teacher.live:
             raise ValueError(
                 "augmented batches need the live teacher (metakd.data.targets.LiveTeacher): cached "
                 "logits are the teacher's outputs on the un-augmented images"
@@ -69,7 +76,7 @@ class BatchStream:
         self.batch_size = self.n if batch_size is None else min(batch_size, self.n)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         self.val_batch_size = val_batch_size
-        self.augment = augment
+        self.augment = self.transform is not None
         self._perms: dict[int, Tensor] = {}
         self._cache: dict[int, Batch] = {}
 
@@ -90,11 +97,8 @@ class BatchStream:
             epoch, j = divmod(step, self.steps_per_epoch)
             idx = self._perm(epoch)[j * self.batch_size : (j + 1) * self.batch_size].to(x.device)
             x, y = x[idx], y[idx]
-        if self.augment:
-            from metakd import data  # the data module pulls in torchvision; import on demand
-
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, 2, step))
-            x = data.augment_batch(x, gen)
+        if self.transform is not None:
+            x = self.transform(x, derive_seed(self.seed, 2, step))
         # the teacher's targets of the tensor the student is fed (the same one the look-ahead unrolls)
         t = self.teacher(idx, x) if self.teacher is not None else None
         self._cache[step] = (x, y, t)

@@ -1,21 +1,19 @@
-"""Image datasets (CIFAR-10, an ImageFolder tree) as :class:`~metakd.data.splits.Splits`, and augmentation.
+"""Image datasets (CIFAR-10, an ImageFolder tree) as a :class:`~metakd.data.pool.Pool`, and augmentation.
 
-Image data (the paper's CIFAR protocol): a seeded permutation of the training images gives the student's
-train split (``n_train``, the paper's 10,112) and the validation split (the next ``n_val``). The test
-split is the official test set (``cifar10``) or ``data.test_root`` (``imagefolder``), seeded-subsampled
-to ``n_test`` images; without one, the first ``n_test`` images of the permutation are held out as the
-test split, disjoint from the rest. The teacher split is every training image not held out for the test
-(``n_teacher`` is not used for image data). Per-channel normalisation uses the mean/std of the teacher
-split (all non-test training images), so the teacher and every student run share one transform. Sizes
-come from the config as given: the CIFAR config files set the paper's 10,112 / 10,112 / 10,000.
+Image data follows the paper's CIFAR protocol (the splits: :mod:`metakd.data.pool`): the test split is the
+official test set (``cifar10``) or ``data.test_root`` (``imagefolder``), else held out of the training
+images; the teacher split is every training image not held out for the test (``n_teacher`` is not used for
+image data); per-channel normalisation uses the teacher split's mean/std. Sizes come from the config as
+given: the CIFAR config files set the paper's 10,112 / 10,112 / 10,000.
 
-ImageFolder images are decoded once (Pillow, RGB) into a uint8 tensor (N, 3, H, W) and cached as
-``<cache_dir>/imagefolder-<fingerprint>.pt``; the fingerprint is the SHA-256 of the class names, the Pillow
-version and each image's relative path, label, size in bytes and modification time (ns), so any added,
-removed or rewritten file invalidates the cache. Splits, teacher checkpoints and teacher-logit caches are
-keyed by the SHA-256 of the decoded pixels and labels instead, so a copy of the same images (extracted
-again, on another machine) still matches a teacher trained on them.
-
+ImageFolder images are decoded once (Pillow: RGB, or one channel when the first image is grayscale) into a
+uint8 tensor (N, C, H, W), each through the eval transform when there is one (which may resize images of
+any size to one), and cached as ``<cache_dir>/imagefolder-<fingerprint>.pt``; the fingerprint is the SHA-256
+of the class names, the Pillow version, the mode and transform (when not plain RGB) and each image's relative
+path, label, size in bytes and modification time (ns), so any added, removed or rewritten file invalidates
+the cache. Splits, teacher checkpoints and teacher-logit caches are keyed by the SHA-256 of the decoded
+pixels and labels instead, so a copy of the same images (extracted again, on another machine) still
+matches a teacher trained on them.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metakd.config import ConfigError, DataConfig
-from metakd.data.splits import Split, Splits, sha256
+from metakd.data.pool import Pool
+from metakd.data.splits import sha256
 from metakd.files import atomic_torch_save
 from metakd.status import StatusLine
 
 __all__ = [
     "augment_batch",
     "cifar10_images",
+    "cifar10_pool",
     "decode_image_folder",
-    "image_splits",
-    "imagefolder_images",
+    "imagefolder_pool",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,20 @@ log = logging.getLogger(__name__)
 _CIFAR_HINT = "data.name=imagefolder data.root=../shared/datasets/cifar10-jpg/train"
 
 
+#: Pillow modes decoded as one grayscale channel; any other mode is decoded as RGB
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
 class _ImageFiles(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        mode: str = "RGB",
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         self.paths = list(paths)
+        self.mode = mode
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,10 +75,19 @@ class _ImageFiles(torch.utils.data.Dataset):  # type: ignore[type-arg]
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                array = np.array(img.convert("RGB"))  # (H, W, 3) uint8, writable copy
+                array = np.array(img.convert(self.mode))  # (H, W, 3) or (H, W) uint8, writable copy
         except (OSError, UnidentifiedImageError) as exc:
             raise ValueError(f"cannot decode image {path!r}: {exc}") from None
-        return torch.from_numpy(array).permute(2, 0, 1), path  # (3, H, W)
+        x = torch.from_numpy(array)
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)  # (C, H, W)
+        return (x if self.transform is None else self.transform(x)), path
+
+
+def _first_mode(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return "L" if img.mode in GRAY_MODES else "RGB"
 
 
 def _stack_same_size(batch: list[tuple[Tensor, str]]) -> Tensor:
@@ -77,7 +96,8 @@ def _stack_same_size(batch: list[tuple[Tensor, str]]) -> Tensor:
         if img.shape != first_img.shape:
             raise ValueError(
                 f"image {path!r} has shape {tuple(img.shape)} but {first_path!r} has "
-                f"{tuple(first_img.shape)}; all images of a folder must have one size (resize them first)"
+                f"{tuple(first_img.shape)}; all images must have one size: resize them in "
+                "data.eval_transform (e.g. [{name: Resize, kwargs: {size: [64, 64]}}])"
             )
     return torch.stack([img for img, _ in batch])
 
@@ -108,11 +128,18 @@ def _folder_samples(
     return sorted(class_to_idx, key=class_to_idx.__getitem__), samples
 
 
-def _folder_fingerprint(root: Path, classes: list[str], samples: list[tuple[str, int]]) -> str:
+def _folder_fingerprint(
+    root: Path, classes: list[str], samples: list[tuple[str, int]], decoding: Any = None
+) -> str:
     import PIL
 
     # the decoder's version is part of the key: JPEG decoders may differ in the last bit
-    h = hashlib.sha256(json.dumps([classes, f"PIL-{PIL.__version__}"]).encode())
+    key: list[Any] = [classes, f"PIL-{PIL.__version__}"]
+    if (
+        decoding
+    ):  # grayscale, an eval transform (RGB without one keeps the keys of earlier versions)
+        key.append(decoding)
+    h = hashlib.sha256(json.dumps(key).encode())
     for path, label in samples:
         st = os.stat(path)
         h.update(
@@ -126,6 +153,9 @@ def decode_image_folder(
     cache_dir: str | Path,
     class_to_idx: dict[str, int] | None = None,
     workers: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    transform_id: Any = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Decode an ImageFolder-layout folder once, cached under ``cache_dir`` by its file fingerprint.
 
@@ -135,11 +165,15 @@ def decode_image_folder(
     ``content_fingerprint`` hashes the decoded pixels, labels and class names, so the same images copied
     or extracted again (new modification times, another machine) keep it — the splits and the teacher
     compatibility check use it. ``workers`` DataLoader worker processes decode (default
-    min(cpu count, 8) for 2,048+ images, else in-process).
+    min(cpu count, 8) for 2,048+ images, else in-process). ``mode``: ``RGB`` or ``L`` (one channel); None
+    takes ``L`` when the first image is grayscale, else ``RGB``. ``transform`` (``transform_id``: its
+    JSON-able identity, part of the cache key) maps each decoded (C, H, W) uint8 image, e.g. to one size.
     """
     root = Path(root)
     classes, samples = _folder_samples(root, class_to_idx)
-    fingerprint = _folder_fingerprint(root, classes, samples)
+    mode = mode or _first_mode(samples[0][0])
+    decoding = {k: v for k, v in (("mode", mode), ("transform", transform_id)) if v and v != "RGB"}
+    fingerprint = _folder_fingerprint(root, classes, samples, decoding)
     cache = Path(cache_dir) / f"imagefolder-{fingerprint[:24]}.pt"
     if cache.is_file():
         try:
@@ -158,7 +192,7 @@ def decode_image_folder(
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if len(samples) >= 2048 else 0
     loader = torch.utils.data.DataLoader(
-        _ImageFiles([p for p, _ in samples]),
+        _ImageFiles([p for p, _ in samples], mode, transform),
         batch_size=512,
         num_workers=workers,
         collate_fn=_stack_same_size,
@@ -215,131 +249,42 @@ def cifar10_images(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, lis
     return tensors[0], tensors[1], tensors[2], tensors[3], list(sets[0].classes), fingerprint
 
 
-def _channel_stats(images: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact per-channel mean and std (in [0, 1] pixel units) of uint8 images[idx], from histograms."""
-    channels = images.shape[1]
-    hist = torch.zeros(channels, 256, dtype=torch.float64)
-    for chunk in idx.split(4096):
-        values = images[chunk].transpose(0, 1).reshape(channels, -1).long()  # (C, n·H·W)
-        offsets = torch.arange(channels)[:, None] * 256
-        hist += torch.bincount((values + offsets).flatten(), minlength=channels * 256).view(
-            channels, 256
-        )
-    levels = torch.arange(256, dtype=torch.float64) / 255.0
-    count = hist.sum(1)
-    mean = (hist * levels).sum(1) / count
-    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / count
-    return mean.float(), var.clamp_min(1e-12).sqrt().float()
-
-
-def _check_sizes(cfg: DataConfig, n_pool: int, n_test: int | None) -> None:
-    if n_test is None and cfg.n_test >= n_pool:
-        raise ConfigError(
-            f"data.n_test={cfg.n_test} held-out test images leave none of the {n_pool} training images; "
-            "lower data.n_test or give a test folder (data.test_root)"
-        )
-    if n_test is not None and cfg.n_test > n_test:
-        raise ConfigError(
-            f"data.n_test={cfg.n_test} exceeds the {n_test} images of the test set; lower it"
-        )
-    left = n_pool - (cfg.n_test if n_test is None else 0)
-    if cfg.n_train + cfg.n_val > left:
-        raise ConfigError(
-            f"data.n_train={cfg.n_train} + data.n_val={cfg.n_val} exceeds the {left} training images "
-            "left after the test split; lower them"
-        )
-
-
-def image_splits(
-    cfg: DataConfig,
-    seed: int,
-    device: torch.device,
-    source: tuple[Tensor, Tensor, Tensor | None, Tensor | None, list[str], str],
-) -> Splits:
-    images, labels, test_images, test_labels, classes, source_fp = source
-    n_pool = images.shape[0]
-    _check_sizes(cfg, n_pool, None if test_images is None else test_images.shape[0])
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_pool, generator=gen)
-    if test_images is None or test_labels is None:
-        test_idx, pool = perm[: cfg.n_test], perm[cfg.n_test :]
-        test_src, test_lbl = images, labels
-    else:
-        test_idx = torch.randperm(test_images.shape[0], generator=gen)[: cfg.n_test]
-        pool = perm
-        test_src, test_lbl = test_images, test_labels
-    train_idx = pool[: cfg.n_train]
-    val_idx = pool[cfg.n_train : cfg.n_train + cfg.n_val]
-    if cfg.normalize:
-        mean, std = _channel_stats(images, pool)
-    else:
-        mean, std = torch.zeros(images.shape[1]), torch.ones(images.shape[1])
-    mean_d = mean.to(device).view(1, -1, 1, 1)
-    std_d = std.to(device).view(1, -1, 1, 1)
-
-    def make(src: Tensor, lbl: Tensor, idx: Tensor) -> Split:
-        x = src[idx].to(device).float().div_(255.0).sub_(mean_d).div_(std_d)  # (n, C, H, W)
-        return Split(x=x, y=lbl[idx].to(device), x_teacher=x)
-
-    splits = {
-        "teacher": make(images, labels, pool),
-        "train": make(images, labels, train_idx),
-        "val": make(images, labels, val_idx),
-        "test": make(test_src, test_lbl, test_idx),
-    }
-    test_source = (
-        "held-out"
-        if test_images is None
-        else ("official" if cfg.name == "cifar10" else "test_root")
-    )
-    norm = {"mean": mean.tolist(), "std": std.tolist()}
-    teacher_fp = sha256(source_fp, pool.sort().values, test_source, test_idx.sort().values, norm)
-    info: dict[str, Any] = {
-        "name": cfg.name,
-        "root": cfg.root,
-        "test_root": cfg.test_root,
-        "classes": classes,
-        "data_seed": seed,
-        "sizes": {k: len(v) for k, v in splits.items()},
-        "test_source": test_source,
-        "val_is_test": cfg.val_is_test,
-        "normalization": norm,
-        "source_fingerprint": source_fp,
-        "teacher_fingerprint": f"{cfg.name}-{teacher_fp[:24]}",
-    }
-    # where the images lie is not part of their identity (source_fingerprint is): a moved copy matches
-    identity = {k: v for k, v in info.items() if k not in ("root", "test_root")}
-    info["fingerprint"] = f"{cfg.name}-" + sha256(identity, train_idx, val_idx)[:24]
-    return Splits(
-        teacher=splits["teacher"],
-        train=splits["train"],
-        val=splits["test"] if cfg.val_is_test else splits["val"],
-        test=splits["test"],
-        num_classes=len(classes),
-        info=info,
+def cifar10_pool(cfg: DataConfig) -> Pool:
+    """CIFAR-10's training images as the pool, its official test set as the test set."""
+    images, labels, test_images, test_labels, classes, fingerprint = cifar10_images(cfg)
+    return Pool(
+        images, labels, classes, fingerprint, test_images, test_labels, test_source="official"
     )
 
 
-def imagefolder_images(
-    cfg: DataConfig,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, list[str], str]:
+def imagefolder_pool(
+    cfg: DataConfig, transform: Callable[[Tensor], Tensor] | None = None, transform_id: Any = None
+) -> Pool:
+    """``data.root`` (and ``data.test_root``) decoded (:func:`decode_image_folder`), each image through
+    ``transform`` (the eval transform) when given."""
     if cfg.root is None:
         raise ConfigError(
             f"data.name=imagefolder needs data.root, a folder in ImageFolder layout, e.g. {_CIFAR_HINT}"
         )
-    train = decode_image_folder(cfg.root, cfg.cache_dir)
+    decode = {"transform": transform, "transform_id": transform_id}
+    train = decode_image_folder(cfg.root, cfg.cache_dir, **decode)
     if cfg.test_root is None:
         fp = train["content_fingerprint"]
-        return train["images"], train["labels"], None, None, train["classes"], fp
+        return Pool(train["images"], train["labels"], train["classes"], fp)
     class_to_idx = {c: i for i, c in enumerate(train["classes"])}
-    test = decode_image_folder(cfg.test_root, cfg.cache_dir, class_to_idx)
+    mode = "L" if train["images"].shape[1] == 1 else "RGB"
+    test = decode_image_folder(cfg.test_root, cfg.cache_dir, class_to_idx, mode=mode, **decode)
     if test["images"].shape[1:] != train["images"].shape[1:]:
         raise ValueError(
             f"test images are {tuple(test['images'].shape[1:])} but training images are "
-            f"{tuple(train['images'].shape[1:])}; both folders need one image size"
+            f"{tuple(train['images'].shape[1:])}; both folders need one image size (data.eval_transform "
+            "can resize them)"
         )
     fp = sha256(train["content_fingerprint"], test["content_fingerprint"])
-    return train["images"], train["labels"], test["images"], test["labels"], train["classes"], fp
+    return Pool(
+        train["images"], train["labels"], train["classes"], fp, test["images"], test["labels"],
+        test_source="test_root",
+    )  # fmt: skip
 
 
 def augment_batch(x: Tensor, generator: torch.Generator | None = None, padding: int = 4) -> Tensor:

@@ -4,7 +4,8 @@
 calls the builder with the input shape, the number of classes and ``kwargs``. A name of the form
 ``"package.module:ClassName"`` imports a ``torch.nn.Module`` subclass (or a function annotated to
 return one) instead, checked before it is called (:func:`metakd.plugins.load_model`; the working
-directory is importable); ``num_classes`` is passed only when its signature has such a parameter. New models join with ``@register_model("name")``.
+directory is importable); ``num_classes`` and ``input_shape`` (a tuple without the batch dimension, e.g.
+``(1, 8, 8)``) are passed only when its signature has such a parameter. New models join with ``@register_model("name")``.
 
 Registered: ``logreg`` (the synthetic task's student and teacher, Linear(in, K)), ``mlp``,
 ``cifar_very_tiny`` (the paper's CIFAR student), ``cifar_tiny`` (its teacher) and ``resnet18``
@@ -199,6 +200,8 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
             params = {}  # type: ignore[assignment]
         if "num_classes" in params and "num_classes" not in kwargs:
             kwargs["num_classes"] = num_classes
+        if "input_shape" in params and "input_shape" not in kwargs:
+            kwargs["input_shape"] = shape
         model = _call(cls, cfg.name, (), kwargs)
         if not isinstance(model, nn.Module):
             raise ConfigError(

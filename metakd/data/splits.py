@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,8 @@ class Split:
 @dataclass
 class Splits:
     """teacher: the teacher's training data; train: D_train; val: D_val (the test split itself when
-    ``data.val_is_test``); test: held-out data. info: name, sizes, fingerprint (str), and more."""
+    ``data.val_is_test``); test: held-out data. info: name, sizes, fingerprint (str), and more;
+    train_transform: the random transform of train batches (teacher's and student's), None without."""
 
     teacher: Split
     train: Split
@@ -44,6 +46,9 @@ class Splits:
     test: Split
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: the random transform of each train batch, ``(x, seed) -> x'`` (:mod:`metakd.data.transforms`; None:
+    #: the stored inputs as they are); set by :func:`metakd.data.load_data` from the config
+    train_transform: Callable[[Tensor, int], Tensor] | None = None
 
 
 def sha256(*parts: Any) -> str:

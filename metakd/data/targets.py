@@ -30,8 +30,9 @@ __all__ = ["CachedLogits", "LiveTeacher", "TeacherTargets", "as_targets", "deter
 
 def deterministic_inputs(cfg: DataConfig) -> bool:
     """Whether the student sees exactly the stored train inputs (no random transform of a batch):
-    then the teacher's logits can be computed once and cached, else the teacher runs live."""
-    return not cfg.augment
+    then the teacher's logits can be computed once and cached, else the teacher runs live. Any
+    ``data.train_transform`` counts as random."""
+    return not cfg.augment and cfg.train_transform is None
 
 
 class TeacherTargets:

@@ -128,7 +128,8 @@ def train_teacher(
     teacher is 10,000 full-batch Adam steps at lr 1e-3); ``teacher.lr_schedule`` steps torch's cosine or
     one-cycle scheduler per batch (``final_lr`` in the metrics), ``teacher.bf16`` autocasts the forward
     pass, ``teacher.channels_last`` stores 4-D weights and batches channels-last. Image batches are
-    augmented (random crop + flip) when ``data.augment``. Initialisation and batch order are seeded by
+    augmented (random crop + flip) when ``data.augment``, transformed by ``splits.train_transform`` when
+    ``data.train_transform``. Initialisation and batch order are seeded by
     ``cfg.seed`` without touching the global RNG. ``progress(epoch, row)`` gets ``{"loss": mean training
     loss}`` every epoch, plus ``test_accuracy``/``test_loss`` on the ~20 evaluation epochs (every
     ``max(1, epochs // 20)``, and the last). Returns the model (eval mode, on ``device``) and metrics:
@@ -172,6 +173,8 @@ def train_teacher(
                 xb, yb = x_all[idx], y_all[idx]
             if augment:
                 xb = augment_batch(xb, gen)
+            elif splits.train_transform is not None:  # data.train_transform: seeded by the stream
+                xb = splits.train_transform(xb, int(torch.randint(2**62, (), generator=gen)))
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.bf16):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from metakd import data, plugins, threads
-from metakd.config import Config, ConfigError, config_to_dict
+from metakd.config import DATA_SOURCES, Config, ConfigError, config_to_dict
 from metakd.data import models, teacher
 from metakd.data.targets import CachedLogits, LiveTeacher, TeacherTargets, deterministic_inputs
 from metakd.functional.metaparams import constrain
@@ -149,7 +149,8 @@ def build(
     """(splits, the teacher's targets of the train batches — None for baseline or an objective
     without a teacher —, seeded student on ``device``). The targets are the cached logits of
     :func:`metakd.data.teacher.teacher_logits` when the input pipeline is deterministic, else
-    (``data.augment``) the teacher module run on each batch as fed (:mod:`metakd.data.targets`).
+    (``data.augment``, ``data.train_transform``) the teacher module run on each batch as fed
+    (:mod:`metakd.data.targets`).
     With ``stack``, torch's threads are chosen for the run from its work size
     (:mod:`metakd.threads`) until the stack closes."""
     seed_everything(cfg.seed)
@@ -172,8 +173,8 @@ def build(
 
 def check_components(cfg: Config) -> None:
     """Resolve the config's import paths (``student.name``, ``teacher.model.name``,
-    ``forecast.forecaster``) and check their kind before a run directory is created or a teacher
-    trained; nothing found is called (:mod:`metakd.plugins`). Raises ``ConfigError``."""
+    ``forecast.forecaster``, ``data.name``) and check their kind before a run directory is created or
+    a teacher trained; nothing found is called (:mod:`metakd.plugins`). Raises ``ConfigError``."""
     models_ = [("student.name", cfg.student.name)]
     if cfg.meta.method != "baseline":
         models_.append(("teacher.model.name", cfg.teacher.model.name))
@@ -185,6 +186,8 @@ def check_components(cfg: Config) -> None:
 
 
 def calibrate(
+    if cfg.data.name not in DATA_SOURCES:  # a user's data source by import path
+        plugins.load_data_source(cfg.data.name)
     cfg: Config, world: World | None = None, fraction: float = ledger.CALIBRATION_FRACTION
 ) -> dict[str, float]:
     """Time a short fixed-λ run of ``cfg`` (no run directory) and cache its per-step seconds; with

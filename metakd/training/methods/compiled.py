@@ -88,8 +88,8 @@ def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
     group = opt.param_groups[0]
     if group.get("amsgrad") or group.get("maximize") or group.get("decoupled_weight_decay"):
         return "Adam with amsgrad/maximize/decoupled weight decay"
-    if cfg.data.augment:
-        return "data.augment draws random augmentations per batch"
+    if cfg.data.augment or cfg.data.train_transform is not None:
+        return "data.augment / data.train_transform draws random transforms per batch"
     return None
 
 
