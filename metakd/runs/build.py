@@ -183,11 +183,11 @@ def check_components(cfg: Config) -> None:
             plugins.load_model(name, kind=key)
     if cfg.meta.method == "forecast" and ":" in cfg.forecast.forecaster:
         plugins.load_forecaster(cfg.forecast.forecaster, kind="forecast.forecaster")
+    if cfg.data.name not in DATA_SOURCES:  # a user's data source by import path
+        plugins.load_data_source(cfg.data.name)
 
 
 def calibrate(
-    if cfg.data.name not in DATA_SOURCES:  # a user's data source by import path
-        plugins.load_data_source(cfg.data.name)
     cfg: Config, world: World | None = None, fraction: float = ledger.CALIBRATION_FRACTION
 ) -> dict[str, float]:
     """Time a short fixed-λ run of ``cfg`` (no run directory) and cache its per-step seconds; with
