@@ -12,6 +12,7 @@ quantity goes through), or, against a float64 reference, the float32 engine's re
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -262,3 +263,132 @@ def test_forecast_history_fits_the_points_it_names(task, history):  # noqa: F811
         for other in fits if other != history
     ]  # fmt: skip
     assert min(misses) > 1e-4
+
+
+# --------------------------------------------------------------------------- command-line options
+
+TINY_CLI = ["device=cpu", "teacher.epochs=100", "train.epochs=10", "train.eval_every=5",
+            "wandb.mode=disabled", "data.cache_dir=cache"]  # fmt: skip
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from metakd_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _summary(path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+def test_teacher_force_overwrites_with_the_new_training(tmp_path, monkeypatch):
+    """metakd teacher --force: an existing checkpoint is refused without it (exit 2) and replaced
+    with it — by the teacher of the new settings (seed 1), whose weights equal train_teacher's."""
+    from metakd.data import load_data
+    from metakd.data.teacher import load_teacher, train_teacher
+    from metakd.runs.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "t.pt"
+    args = ["teacher", "teacher.epochs=30", "--out", ckpt, "--device", "cpu", "-q"]
+    assert _invoke(*args).exit_code == 0
+    first = load_teacher(ckpt, "cpu")[0].state_dict()
+    refused = _invoke(*args, "--seed", "1")
+    assert refused.exit_code == 2 and "pass --force to overwrite it" in refused.stderr
+    assert all(
+        torch.equal(v, load_teacher(ckpt, "cpu")[0].state_dict()[k]) for k, v in first.items()
+    )
+    forced = _invoke(*args, "--seed", "1", "--force")
+    assert forced.exit_code == 0, forced.output
+    cfg = load_config(None, ["teacher.epochs=30", "seed=1", "device=cpu"])
+    ref, _ = train_teacher(cfg, load_data(cfg.data, 1, "cpu"), "cpu")
+    now = load_teacher(ckpt, "cpu")[0].state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(now[k], v) and not torch.equal(now[k], first[k]), k
+
+
+def test_experiment_workers_2_equals_the_sequential_grid(tmp_path, monkeypatch):
+    """metakd experiment --workers 2 (spawned processes) ends every run of the grid exactly as
+    --workers 1 does: the runs are pure functions of config and seed."""
+    monkeypatch.chdir(tmp_path)
+    out = {}
+    for w in (1, 2):
+        out[w] = tmp_path / f"w{w}"
+        res = _invoke("experiment", *TINY_CLI, "--methods", "baseline,hypergrad", "--seeds", "0,1",
+                      "--workers", w, "--out", out[w], "-q")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    for method in ("baseline", "hypergrad"):
+        for seed in (0, 1):
+            a, b = (_summary(out[w] / method / f"seed-{seed}") for w in (1, 2))
+            assert a["steps"] == b["steps"] == 10
+            for key in ("test_accuracy", "val_accuracy", "train_loss", "meta_raw"):
+                assert a[key] == b[key], (method, seed, key)
+    table = json.loads((out[2] / "results.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in table["runs"]) == [
+        ("baseline", 0), ("baseline", 1), ("hypergrad", 0), ("hypergrad", 1),
+    ]  # fmt: skip
+
+
+def test_search_study_options_through_the_cli(tmp_path, monkeypatch):
+    """metakd search --storage journal:PATH --study-name --sampler-seed --worker --space raw
+    --pruner median: the study is where and what the options say (optuna.load_study of that
+    journal and name; raw dimensions), the same seed and worker draw the same λ in a fresh study,
+    another --worker or --sampler-seed draws other λ; a rerun with another --pruner is refused;
+    --import-results continues the study from its results.json alone (run directories gone)."""
+    import shutil
+
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+
+    def search(out, *opts):
+        res = _invoke("search", *TINY_CLI, "--sampler", "random", "--trials", "2", "--space", "raw",
+                      "--out", out, "-q", "--json", *opts)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    journal = tmp_path / "studies.journal"
+    opts = ["--storage", f"journal:{journal}", "--study-name", "mine", "--sampler-seed", "5",
+            "--worker", "1", "--pruner", "median"]  # fmt: skip
+    first = search(tmp_path / "a", *opts)
+    from metakd.runs.search import storage_for
+
+    study = optuna.load_study(study_name="mine", storage=storage_for(f"journal:{journal}", None))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(set(t.params) == {"beta1", "beta2", "temperature"} for t in study.trials)
+    assert not (tmp_path / "a" / "study.db").exists()  # the default storage was not used
+    params = [t["params"] for t in first["trials"]]
+    assert params == [t.params for t in study.trials]
+    same = search(tmp_path / "b", "--sampler-seed", "5", "--worker", "1", "--pruner", "median")
+    assert [t["params"] for t in same["trials"]] == params
+    for other in (
+        ["--sampler-seed", "6", "--worker", "1"],
+        ["--sampler-seed", "5", "--worker", "2"],
+    ):
+        drawn = search(tmp_path / f"c{other[1]}{other[3]}", *other, "--pruner", "median")
+        assert all(t["params"] != p for t, p in zip(drawn["trials"], params, strict=True))
+    refused = _invoke("search", *TINY_CLI, "--sampler", "random", "--trials", "2", "--space", "raw",
+                      "--out", tmp_path / "b", "--sampler-seed", "5", "--worker", "1", "-q")  # fmt: skip
+    assert refused.exit_code == 2 and "pruner" in refused.output
+    # --import-results: keep b's report, delete its runs, continue to 3 trials elsewhere
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("results.json", "search.json"):
+        shutil.copyfile(tmp_path / "b" / name, kept / name)
+    shutil.rmtree(tmp_path / "b")
+    cont = _invoke("search", *TINY_CLI, "--sampler", "random", "--trials", "3", "--space", "raw",
+                   "--out", tmp_path / "d", "--sampler-seed", "5", "--worker", "1", "--pruner",
+                   "median", "--import-results", kept, "-q", "--json")  # fmt: skip
+    assert cont.exit_code == 0, cont.output
+    trials = json.loads(cont.stdout)["trials"]
+    assert len(trials) == 3 and [t["params"] for t in trials[:2]] == params
+    # the imported trials keep their scores and are not trained again (their costs are re-priced
+    # against the study's plain runs, now three); one new trial is
+    keys = ("val_accuracy", "test_accuracy")
+    assert [[t[k] for k in keys] for t in trials[:2]] == [
+        [t[k] for k in keys] for t in same["trials"]
+    ]
+    assert trials[2]["cost"] > 0 and trials[2]["params"] not in params
+    assert sorted(p.name for p in (tmp_path / "d" / "trials").iterdir()) == ["trial-0002"]
