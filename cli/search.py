@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,6 +67,12 @@ EPILOG = (
 )
 
 
+def _command_line() -> str | None:
+    """This command line, to repeat it (None when not run as ``metakd``)."""
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return shlex.join(["metakd", *sys.argv[1:]]) if argv0.startswith("metakd") else None
+
+
 @app.command(epilog=EPILOG)
 def search(
     args: ArgsArg = None,
@@ -97,6 +105,14 @@ def search(
             "or journal:PATH for a journal file.",
         ),
     ] = None,
+    repair_journal: Annotated[
+        bool,
+        typer.Option(
+            "--repair-journal",
+            help="Truncate a journal storage's torn last line (a write cut by a kill), keeping a "
+            "copy as PATH.bak.",
+        ),
+    ] = False,
     study_name: Annotated[
         str | None, typer.Option("--study-name", help="Default: the name of OUT.")
     ] = None,
@@ -204,7 +220,8 @@ def search(
                     space=space.value, grid=grid or [], pruner=pruner.value, storage=storage,
                     study_name=study_name, sampler_seed=sampler_seed, worker=worker,
                     retrain_seeds=seeds, callbacks_factory=factory, on_trial=on_trial,
-                    import_results=import_results,
+                    import_results=import_results, repair_journal=repair_journal,
+                    command=_command_line(),
                 )  # fmt: skip
     if not main_rank:
         return

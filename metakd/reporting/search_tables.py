@@ -119,6 +119,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"(wall; CPU {c['plain_runs_cpu']:.2f}; pruning saved {c['pruning_saved']:.2f}). Best trial "
         f"{best.get('number', '–')}: {lambda_text(best.get('values'))}, val accuracy "
         f"{_f(best.get('val_accuracy'))}.\n",
+        *([f"**Warning: {results['missing']['text']}.**\n"] if results.get("missing") else []),
         "| trial | state | λ | val acc (score) | test acc (not used) | steps | wall s | cost "
         "(plain runs) | cumulative | best trial so far |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -21,6 +21,7 @@ study) is never reused nor overwritten: the trial runs in ``trial-XXXX-2`` (``-3
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import platform
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from metakd.config import Config, ConfigError, config_to_dict
 from metakd.runs.rundir import (
@@ -46,9 +47,12 @@ from metakd.runs.study import (
     exists,
     make_pruner,
     make_sampler,
+    missing_trials,
+    quiet_trial_failures,
     recover,
     storage_for,
 )
+from metakd.runs.study_storage import storage_errors
 
 if TYPE_CHECKING:
     import optuna
@@ -69,6 +73,23 @@ CallbacksFactory = Callable[[Config, Path], list]
 
 log = logging.getLogger(__name__)
 MARK = "trial.json"  # in a run directory: the study (its uid) that started the run there
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_line_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A failing storage is one :class:`~metakd.runs.study_storage.StorageError` naming it, and a
+    failed trial is not logged by Optuna with its traceback (metakd's own error says it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        out = Path(str(kwargs["out_dir"]))
+        storage = kwargs.get("storage")
+        with storage_errors(storage if isinstance(storage, str) else None, out), \
+                quiet_trial_failures():  # fmt: skip
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _trial_config(cfg: Config, values: Mapping[str, float], run_dir: Path, label: str) -> Config:
@@ -165,6 +186,7 @@ def _claim(path: Path, uid: str, name: str, number: int | None) -> None:
         atomic_write_text(path / MARK, json.dumps(mark) + "\n")
 
 
+@_one_line_errors
 def run_search(
     cfg: Config,
     *,
@@ -183,6 +205,8 @@ def run_search(
     train_fn: TrainFn | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     import_results: str | Path | None = None,
+    repair_journal: bool = False,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a search study in ``out_dir`` until it holds ``trials`` finished trials
     (complete or pruned), retrain its validation-best λ on ``retrain_seeds``, and write
@@ -192,7 +216,13 @@ def run_search(
     ``import_results``: a study directory or ``results.json`` whose trials (and the retrains of its
     best) this study continues from, when their run directories are gone (:mod:`metakd.runs.search_resume`).
     Results are rewritten after every finished trial; the retrain on the search's own seed
-    (``cfg.seed``) is the best trial's run itself (the same fixed-λ run), not a second one."""
+    (``cfg.seed``) is the best trial's run itself (the same fixed-λ run), not a second one.
+
+    The storage is opened before anything is written in ``out_dir`` (``repair_journal``: truncate a
+    journal's torn last line, :mod:`metakd.runs.study_storage`). A trial that another worker left
+    ``RUNNING`` when it died on this host is rerun at the end too; one that this process cannot
+    check (another host) is reported in ``results["missing"]``, with ``command`` (this command line,
+    to finish the study) in its text."""
     import optuna
 
     from metakd.runs import search_results, search_resume
@@ -200,13 +230,14 @@ def run_search(
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sp = SearchSpace.from_config(cfg, space)
     grid_values = parse_grid(grid, sp) if sampler == "grid" else None
     if sampler != "grid" and grid:
         raise ConfigError(f"--grid is for --sampler grid, not {sampler!r}")
     if grid_values is not None:
         trials = min(trials, math.prod(len(v) for v in grid_values.values()))
+    store = storage_for(storage, out, repair_journal=repair_journal)
+    out.mkdir(parents=True, exist_ok=True)
     report = search_resume.load_report(import_results, "search", out) if import_results else None
     _check_settings(out, cfg, sampler, sp, grid_values, pruner)
     if train_fn is None:
@@ -214,7 +245,6 @@ def run_search(
     assert train_fn is not None
     train = train_fn
 
-    store = storage_for(storage, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or out.resolve().name
     probe = optuna.load_study(study_name=name, storage=store) if exists(store, name) else None
@@ -274,6 +304,15 @@ def run_search(
             except (ValueError, FloatingPointError) as exc:
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                 raise
+            except RuntimeError as exc:
+                if "overflow" not in str(exc):  # torch: a setting too large for float32
+                    raise
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                raise ConfigError(
+                    f"trial {trial.number} ({run_dir}) failed: {exc}; a setting is too large for "
+                    f"float32 (train.lr={tcfg.train.lr:g}?): lower it (the study does not retry "
+                    "this point)"
+                ) from None
         keys = ("steps", "wall_seconds", "cpu_seconds", "test_accuracy", "val_accuracy")
         trial.set_user_attr("result", {k: summary.get(k) for k in keys})
         val = summary.get("val_accuracy")
@@ -292,11 +331,21 @@ def run_search(
         if trial.state in counted:  # a long study's report is current after every trial
             search_results.write_results(out, current())
 
-    done = len(study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING)))
-    if done < trials:
-        stop = optuna.study.MaxTrialsCallback(trials, states=(*counted, TrialState.RUNNING))
-        study.optimize(objective, n_trials=trials - done, callbacks=[stop, write], catch=())
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=(*counted, TrialState.RUNNING)))
+        if done < trials:
+            stop = optuna.study.MaxTrialsCallback(trials, states=(*counted, TrialState.RUNNING))
+            study.optimize(objective, n_trials=trials - done, callbacks=[stop, write], catch=())
+        rerun = recover(study, store, sampler)  # a worker of this host that died meanwhile
+        if not rerun:
+            break
+        log.warning("trial(s) %s of a worker that died are run again",
+                    ", ".join(map(str, rerun)))  # fmt: skip
     results = current()
+    missing = missing_trials(study, trials, len(results["trials"]), out, storage, command)
+    if missing is not None:
+        results["missing"] = missing
+        log.warning("%s", missing["text"])
     if retrain_seeds and results.get("best") is not None:
         known = search_resume.known_rows(report, trial=int(results["best"]["number"]))
         results["retrain"] = _retrain(cfg, results, retrain_seeds, out, train,

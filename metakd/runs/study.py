@@ -4,20 +4,23 @@ Studies may be shared by several processes or machines through the storage URL: 
 file ``<study>/study.db``, an RDB server (``postgresql://...``, ``mysql://...``; Optuna's heartbeat
 marks trials of dead workers on any machine failed), or a journal file (``journal:PATH`` or a path
 ending in ``.journal``: Optuna's ``JournalStorage``, for file systems where SQLite locking is
-unreliable, e.g. NFS). :func:`recover` marks a trial left ``RUNNING`` by a dead process on this host
+unreliable, e.g. NFS), opened by :mod:`metakd.runs.study_storage`. :func:`recover` marks a trial left ``RUNNING`` by a dead process on this host
 failed and re-enqueues its point.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metakd.config import Config, ConfigError
+from metakd.runs.study_storage import masked, storage_for
 from metakd.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -30,34 +33,15 @@ __all__ = [
     "exists",
     "make_pruner",
     "make_sampler",
+    "missing_trials",
+    "quiet_trial_failures",
     "recover",
     "storage_for",
+    "unfinished",
 ]
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "halving")
-
-
-def storage_for(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
-    """An Optuna storage: None → SQLite ``<study_dir>/study.db``; ``journal:PATH`` or ``*.journal``
-    → ``JournalStorage`` on that file; any other URL → ``RDBStorage`` (with a heartbeat)."""
-    import optuna
-
-    if url is None:
-        url = f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    if url.startswith("journal:") or url.endswith(".journal"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
-
-        backend = JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
 
 
 def make_sampler(kind: str, grid: Mapping[str, list[float]] | None, seed: int, trials: int) -> Any:
@@ -117,6 +101,19 @@ class Pruning(Callback):
             raise optuna.TrialPruned(f"pruned at step {self.step} (val accuracy {val:.4f})")
 
 
+@contextlib.contextmanager
+def quiet_trial_failures() -> Iterator[None]:
+    """Optuna logs a failed trial (an error, a diverged run, Ctrl-C) with its traceback before the
+    exception reaches metakd, which says it in one line: silence that logger meanwhile."""
+    logger = logging.getLogger("optuna.study._optimize")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -128,9 +125,10 @@ def _alive(pid: int) -> bool:
 
 
 def recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
-    """Mark trials left RUNNING by dead processes of this host failed; for random/TPE enqueue the
-    point of each interrupted (not errored) failed trial that no other trial holds (the grid sampler
-    re-picks unfinished grid points itself). Returns the numbers of the trials marked failed."""
+    """Mark trials left RUNNING by dead processes of this host failed, and enqueue the point of each
+    interrupted (not errored) failed trial that no other trial holds (also for the grid sampler,
+    which counts a failed grid point as visited and would draw a random one instead). Returns the
+    numbers of the trials marked failed. ``kind``: the sampler (kept for callers)."""
     from optuna.trial import TrialState
 
     host = platform.node()
@@ -141,8 +139,6 @@ def recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
         if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
             storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             marked.append(t.number)
-    if kind == "grid":
-        return marked
     trials = study.get_trials(deepcopy=False)
     held = [
         t.params for t in trials
@@ -155,6 +151,60 @@ def recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
             study.enqueue_trial(t.params)
             held.append(t.params)
     return marked
+
+
+def unfinished(study: optuna.Study) -> list[dict[str, Any]]:
+    """Trials still RUNNING, each with its worker (host, pid) and whether this host can tell that
+    worker is alive (``alive``: True / False on this host, None on another one)."""
+    from optuna.trial import TrialState
+
+    host = platform.node()
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        pid = worker.get("pid")
+        alive = _alive(pid) if worker.get("host") == host and isinstance(pid, int) else None
+        rows.append({"number": t.number, "host": worker.get("host"), "pid": pid, "alive": alive})
+    return rows
+
+
+def missing_trials(study: optuna.Study, trials: int, finished: int, out: Path,
+                   storage: str | None, command: str | None) -> dict[str, Any] | None:  # fmt: skip
+    """How many of the ``trials`` the study still lacks, which are running where, and how to finish
+    them (None when none is missing)."""
+    if finished >= trials:
+        return None
+    running = unfinished(study)
+    cmd = (
+        masked(command)
+        if command
+        else (
+            f"the same `metakd search` command (--out {out}"
+            + (f" --storage {masked(storage)}" if storage else "")
+            + f" --study-name {study.study_name})"
+        )
+    )
+    parts = []
+    for r in running:
+        if r["host"] is None:
+            parts.append(f"trial {r['number']} is RUNNING without a recorded worker (one that died "
+                         f"as it started it); run {cmd} after Optuna's heartbeat marks it failed "
+                         "(database servers), or start a new --study-name")  # fmt: skip
+        elif r["alive"]:
+            parts.append(f"trial {r['number']} is still running in process {r['pid']} on this host "
+                         "(it updates the results when it finishes)")  # fmt: skip
+        else:
+            parts.append(
+                f"trial {r['number']} is RUNNING in process {r['pid']} on host {r['host']}, which "
+                f"this process cannot check; if that worker is dead, run {cmd} on {r['host']} to "
+                "rerun it (with a database server, Optuna marks it failed after 120 s and any host "
+                "can)"
+            )  # fmt: skip
+    n = trials - finished
+    text = f"{n} of {trials} trials missing: the study holds {finished} finished trials"
+    text += "; " + "; ".join(parts) if parts else f"; run {cmd} to finish them"
+    return {"trials": n, "budget": trials, "finished": finished, "running": running,
+            "command": masked(command) if command else None, "text": text}  # fmt: skip
 
 
 def exists(store: Any, name: str) -> bool:
