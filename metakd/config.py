@@ -241,6 +241,13 @@ class TrainConfig(_Strict):
         description="torch.compile the reverse look-ahead step (metakd.training.methods.compiled); "
         "auto: long CPU runs of small models",
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="the real steps' forward passes (student, live teacher) under torch.autocast: "
+        "bf16 (CUDA or CPU) or fp16 (CUDA only, with a GradScaler); master weights, optimizer state, "
+        "loss and evaluation stay float32, and every hypergradient (the η-step unroll, online "
+        "tangents) runs in float32 outside autocast: exact to float32 (metakd.training.precision)",
+    )
     hinton_scaling: bool = Field(default=False, description="multiply the distillation term by T²")
     normalize_weights: bool = Field(
         default=False,

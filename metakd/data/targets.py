@@ -60,11 +60,14 @@ class CachedLogits(TeacherTargets):
 
 class LiveTeacher(TeacherTargets):
     """The teacher module evaluated on the fed batch: eval mode, ``torch.no_grad()``, float32 logits on the
-    device of ``x`` (the module is moved there once)."""
+    device of ``x`` (the module is moved there once). ``autocast``: run its forward under
+    ``torch.autocast`` to that dtype (``train.precision``, :func:`metakd.training.precision.autocast_dtype`);
+    the logits are cast back to float32."""
 
     live = True
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, autocast: torch.dtype | None = None) -> None:
+        self.autocast = autocast
         self.module = module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -76,7 +79,11 @@ class LiveTeacher(TeacherTargets):
         first = next(self.module.parameters(), None)
         if first is not None and first.device != x.device:
             self.module.to(x.device)
-        return self.module(x).float()
+        if self.autocast is None:
+            return self.module(x).float()
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            out = self.module(x)
+        return out.float()
 
 
 def as_targets(

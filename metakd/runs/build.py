@@ -30,6 +30,7 @@ from metakd.functional.metaparams import constrain
 from metakd.runs import ledger
 from metakd.training import objectives
 from metakd.training.distributed import World
+from metakd.training.precision import autocast_dtype
 from metakd.training.trainer import Callback, Trainer
 
 __all__ = [
@@ -153,6 +154,7 @@ def build(
     (:mod:`metakd.data.targets`).
     With ``stack``, torch's threads are chosen for the run from its work size
     (:mod:`metakd.threads`) until the stack closes."""
+    autocast_dtype(cfg.train.precision, device)  # fp16 off CUDA: refused before any data or teacher
     seed_everything(cfg.seed)
     splits = data.load_data(cfg.data, cfg.seed, device)
     if stack is not None and device.type == "cpu":
@@ -164,7 +166,8 @@ def build(
             logits = teacher.teacher_logits(cfg, splits, device, progress=progress)
             targets = CachedLogits(logits["train"])
         else:
-            targets = LiveTeacher(teacher.teacher_module(cfg, splits, device, progress=progress))
+            module = teacher.teacher_module(cfg, splits, device, progress=progress)
+            targets = LiveTeacher(module, autocast=autocast_dtype(cfg.train.precision, device))
     torch.manual_seed(cfg.seed)  # the same initial student for every method of a seed
     shape = tuple(int(s) for s in splits.train.x.shape[1:])
     model = models.build_model(cfg.student, shape, splits.num_classes).to(device)

@@ -2,7 +2,10 @@
 
 :func:`check_grad` compares the configured hypergradient with central finite differences of the bilevel
 objective L_val(U^η(w0, λ(r))) computed by an independent float64 unroll (plain loops and a
-hand-written torch.optim step, :func:`_plain_step`, not metakd's functional optimizers).
+hand-written torch.optim step, :func:`_plain_step`, not metakd's functional optimizers). With
+``train.precision`` bf16/fp16 the configured hypergradient is still the float32 unroll (only the real steps
+autocast, :mod:`metakd.training.precision`), so the same float32 tolerances apply; the teacher targets of
+the unrolled batches are the run's own (a live teacher's under autocast, cast to float32).
 """
 
 from __future__ import annotations
@@ -100,6 +103,12 @@ def check_grad(
     # (with γ = 1: the finite differences below hold λ fixed, so online_decay is not applied).
     method = "forward" if hc.method == "online" else hc.method
     log.info("check-grad: the %s hypergradient over η = %d steps", method, cfg.meta.unroll)
+    if cfg.train.precision != "fp32":  # the unroll below runs as in the trainer: float32
+        log.info(
+            "check-grad: train.precision=%s autocasts the real steps only; the hypergradient's "
+            "unroll runs in float32 on the master weights (metakd.training.precision)",
+            cfg.train.precision,
+        )
     res_grads = hypergrad.hypergradient(
         trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
         (vx, vy), optimizer=inner, opt_state=state, method=method, backend=hc.backend,

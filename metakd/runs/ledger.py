@@ -76,6 +76,8 @@ def reference_key(cfg: Config, world_size: int = 1) -> tuple[str, dict[str, Any]
     train = {k: v for k, v in d["train"].items() if k not in ("epochs", "checkpoint_every")}
     # the kind of step: run_cost resolves auto to what the run chose; unresolved, auto means eager
     train["compile"] = "compiled" if train.get("compile") == "on" else "eager"
+    if train.get("precision") == "fp32":  # the default: keys cached before the setting still match
+        del train["precision"]
     data = {k: v for k, v in d["data"].items() if k not in ("data_seed", "cache_dir")}
     fields = {
         "data": data, "student": d["student"], "train": train, "device": d["device"],

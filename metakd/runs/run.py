@@ -42,6 +42,7 @@ from metakd.runs.check_grad import check_grad
 from metakd.runs.config import load_config
 from metakd.runs.rundir import RunDir, atomic_write_bytes
 from metakd.training.distributed import World, from_env
+from metakd.training.precision import check as check_precision
 from metakd.training.resume_state import CheckpointMismatch
 from metakd.training.trainer import Callback, Trainer
 
@@ -160,6 +161,7 @@ def train_run(
     and the other ranks follow it (:mod:`metakd.runs.parallel`).
     """
     device = resolve_device(cfg.device)
+    check_precision(cfg.train.precision, device)  # fp16 off CUDA: before the run directory
     world = world or from_env(device)
     path = Path(run_dir if run_dir is not None else cfg.out or default_run_dir(cfg))
     path = parallel.broadcast(path, world)  # rank 0's (a default name holds a timestamp)

@@ -49,6 +49,7 @@ from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.training.methods.compiled import compiled_summary
 from metakd.training.optimizer_binding import OptimizerBinding, torch_optimizer
+from metakd.training.precision import Precision
 from metakd.training.resume_state import load_optimizer, restore_counters
 from metakd.training.rows import log_due, metrics_row
 from metakd.training.schedule import MetaVector
@@ -134,6 +135,7 @@ class Trainer:
             if self.meta is not None and self.method in _META_METHODS
             else None
         )
+        self.precision = Precision.of(cfg.train.precision, self.device)  # the real steps' autocast
         self.phase_seconds = dict.fromkeys(("train", "hypergrad", "forecast", "eval"), 0.0)
         # The meta step's seam (metakd.training.methods): when meta steps happen, and how dL_val/dλ is computed.
         self.schedule: MetaSchedule = build_schedule(self)
@@ -325,13 +327,12 @@ class Trainer:
         # a learned lr / weight decay, and the lr schedule's f(step), drive the real step
         self.binding.apply(self.optimizer, lam, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(x), y, t, lam)
+        loss = self.loss(self.precision.forward(self.model, x), y, t, lam)  # train.precision
         # several ranks: the global batch's loss (the mean of equal shards' means) and gradient
         value = float(self.world.sum_(loss.detach()) / self.world.size)
         if math.isfinite(value):
-            loss.backward()
-            self.world.average_([p.grad for p in self.model.parameters() if p.grad is not None])
-            self.optimizer.step()
+            # backward, the ranks' gradient average, the step (fp16: of the scaled loss)
+            self.precision.step(loss, self.optimizer, self.world.average_)
         return value
 
     @torch.no_grad()
@@ -460,6 +461,7 @@ class Trainer:
             "best": dict(self.best),
             "epoch_loss": list(self.epoch_loss),
             "last_epoch_loss": self.last_epoch_loss,
+            **self.precision.state_dict(),  # fp16: the GradScaler's scale
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -486,4 +488,5 @@ class Trainer:
                 ms = {"tangents": state.get("tangents")}
             method.load_state_dict(ms)
         self.step = int(state["step"])
+        self.precision.load_state_dict(state)
         restore_counters(self, state)

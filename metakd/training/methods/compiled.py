@@ -90,6 +90,8 @@ def _unsupported(trainer: Trainer, frozen: bool) -> str | None:
         return "Adam with amsgrad/maximize/decoupled weight decay"
     if cfg.data.augment or cfg.data.train_transform is not None:
         return "data.augment / data.train_transform draws random transforms per batch"
+    if cfg.train.precision != "fp32":  # refused: compile=on raises, auto runs eager autocast steps
+        return f"train.precision={cfg.train.precision}: the compiled steps are float32 only"
     return None
 
 

@@ -42,7 +42,9 @@ class Online(HypergradMethod):
     step — its forward runs on the module's own BatchNorm buffers (updated once, as by ``module(x)``)
     and its gradient ∇_w L_train goes to the real torch optimizer's ``step()`` — instead of a second
     forward/backward in :meth:`Trainer.plain_real_step`. Weights, BatchNorm statistics and optimizer
-    state are those of ordinary training (tests/test_online_fused.py).
+    state are those of ordinary training (tests/test_online_fused.py). Under ``train.precision`` bf16/fp16
+    it is False: the tangent step stays float32 and the real step runs under autocast
+    (:mod:`metakd.training.precision`).
     """
 
     tangents: hypergrad.Tangents | None = None
@@ -54,6 +56,10 @@ class Online(HypergradMethod):
     def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
         self.check_metaparams()
+        if not trainer.precision.exact:
+            # train.precision=bf16/fp16: the tangents in float32 (an exact hypergradient), the real step
+            # apart under autocast (Trainer.plain_real_step; metakd.training.precision)
+            self.fused = False
 
     def ready(self, step: int) -> bool:
         return self.tangents is not None
