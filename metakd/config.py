@@ -261,10 +261,13 @@ class TrainConfig(_Strict):
         "of lr_milestones (epochs)",
     )
     lr_milestones: list[int] = Field(
-        default_factory=list, description="multistep: epochs at which the lr is multiplied by lr_gamma"
+        default_factory=list,
+        description="multistep: epochs at which the lr is multiplied by lr_gamma",
     )
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
-    lr_min_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine: floor as a share of lr")
+    lr_min_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="cosine: floor as a share of lr"
+    )
     lr_warmup_epochs: float = Field(
         default=0.0, ge=0, description="linear warm-up from lr_warmup_start·lr over these epochs"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from metakd.config import Config, MetaParamSpec
@@ -31,7 +32,10 @@ def test_leaving_the_bound_restarts_the_count() -> None:
 
 
 def test_the_upper_bound_and_softplus_floor_count_too() -> None:
-    specs = {"beta": MetaParamSpec(lo=0.0, hi=1.0), "lr": MetaParamSpec(constraint="softplus", lo=0.0)}
+    specs = {
+        "beta": MetaParamSpec(lo=0.0, hi=1.0),
+        "lr": MetaParamSpec(constraint="softplus", lo=0.0),
+    }
     watch = BoundWatch(specs, planned_meta_steps=100, patience=10)
     raw = {"beta": torch.tensor(7.0), "lr": torch.tensor(-9.0)}  # σ(7) > 0.99; softplus(-9) ~ 1e-4
     messages = [m for _ in range(10) for m in watch.update(raw)]
@@ -64,3 +68,13 @@ def test_a_run_whose_temperature_sits_at_its_floor_says_so(caplog) -> None:
     warnings = [r.getMessage() for r in caplog.records if "has sat at its" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("λ temperature has sat at its lower bound 0.1")
+
+
+def test_a_step_size_that_overflows_float32_is_a_divergence_naming_train_lr() -> None:
+    # Adam's first step size lr / (1 - β1) = 1e39 > float32's 3.4e38: torch raises a RuntimeError
+    cfg: Config = load_config(None, ["train.epochs=5", "train.lr=1e38", "train.compile=off"])
+    splits = _task()
+    logits = {k: torch.zeros(len(getattr(splits, k)), 2) for k in ("train", "val", "test")}
+    trainer = Trainer(cfg, torch.nn.Linear(3, 2), splits, logits, device="cpu")
+    with pytest.raises(FloatingPointError, match=r"overflowed float32 at step 1 .*train\.lr"):
+        trainer.train()

@@ -19,7 +19,8 @@ least 100). The count is not checkpointed: a resumed run counts afresh.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from metakd.config import Config, MetaParamSpec
 
-__all__ = ["BoundWatch", "divergence_cause"]
+__all__ = ["BoundWatch", "divergence_cause", "overflow_is_divergence"]
 
 
 class BoundWatch:
@@ -115,3 +116,19 @@ def divergence_cause(lambdas: Mapping[str, Any], cfg: Config) -> str:
             f"(the paper uses 0.1), or lower train.lr (now {cfg.train.lr:g})"
         )
     return f"the student diverged: lower train.lr (now {cfg.train.lr})"
+
+
+@contextmanager
+def overflow_is_divergence(cfg: Config, step: int) -> Iterator[None]:
+    """A step whose step size does not fit float32 (torch: "value cannot be converted to type float
+    without overflow", e.g. ``train.lr=1e38`` with Adam's bias correction lr/(1-β1)) is a divergence:
+    FloatingPointError naming the step and ``train.lr``, which the run records like any other."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        raise FloatingPointError(
+            f"a step size overflowed float32 at step {step + 1} ({exc}); lower train.lr "
+            f"(now {cfg.train.lr:g}) or meta.lr (now {cfg.meta.lr:g})"
+        ) from None

@@ -43,7 +43,7 @@ from metakd.functional import losses, optim
 from metakd.functional.nn import FunctionalModel
 from metakd.training import objectives
 from metakd.training.callbacks import Callback
-from metakd.training.diagnostics import BoundWatch, divergence_cause
+from metakd.training.diagnostics import BoundWatch, divergence_cause, overflow_is_divergence
 from metakd.training.distributed import World
 from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
@@ -369,7 +369,8 @@ class Trainer:
         self._t_start = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                self._one_step(self.step)
+                with overflow_is_divergence(self.cfg, self.step):  # lr=1e38: one line, not a trace
+                    self._one_step(self.step)
                 if self.step % self.steps_per_epoch == 0 and on_epoch_end is not None:
                     on_epoch_end(self.epoch)
         finally:
