@@ -37,7 +37,9 @@ class LrSchedule:
 
     kind: str = "constant"
     total_steps: int = 1
-    milestones: tuple[int, ...] = ()  # multistep: update indices where the factor is multiplied by gamma
+    milestones: tuple[
+        int, ...
+    ] = ()  # multistep: update indices where the factor is multiplied by gamma
     gamma: float = 0.1
     min_ratio: float = 0.0  # cosine: the factor's floor
     warmup_steps: int = 0
