@@ -531,3 +531,14 @@ def test_tiny_real_teacher(tmp_path, monkeypatch):
     assert "test_accuracy" in result.stdout
     again = invoke("teacher", "teacher.epochs=30", "--out", ckpt, "-q")
     assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_check_grad_checks_a_users_method_by_import_path(tmp_path, monkeypatch):
+    """check-grad runs a user's method (import path) through the trainer's seam: the recording
+    look-ahead passes, one returning 1.5x the hypergradient exits 3 with a relative error of 1/3."""
+    monkeypatch.chdir(tmp_path)
+    ok = invoke("check-grad", "meta.hypergrad.method=plugins.my_method:RecordingLookAhead")
+    assert ok.exit_code == 0, ok.output
+    wrong = invoke("check-grad", "meta.hypergrad.method=plugins.my_method:ScaledLookAhead")
+    assert wrong.exit_code == 3, wrong.output
+    assert abs(_worst(wrong.stdout) - 1 / 3) < 1e-3  # |1.5 g - g| / |1.5 g|

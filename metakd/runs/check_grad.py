@@ -25,6 +25,7 @@ from metakd.config import Config, TrainConfig
 from metakd.functional import losses
 from metakd.runs.build import build, resolve_device
 from metakd.status import StatusLine
+from metakd.training.per_sample import by_example
 from metakd.training.trainer import Callback, Trainer
 
 __all__ = ["check_grad"]
@@ -109,17 +110,23 @@ def check_grad(
             "unroll runs in float32 on the master weights (metakd.training.precision)",
             cfg.train.precision,
         )
-    res_grads = hypergrad.hypergradient(
-        trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw, batches,
-        (vx, vy), optimizer=inner, opt_state=state, method=method, backend=hc.backend,
-        fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
-    ).grads  # fmt: skip
+    if method in hypergrad.METHODS:
+        res_grads = hypergrad.hypergradient(
+            trainer.train_loss, trainer.val_loss, trainer.fmodel.params(), trainer.meta.raw,
+            batches, (vx, vy), optimizer=inner, opt_state=state, method=method,
+            backend=hc.backend, fd_eps=hc.fd_eps, checkpoint=hc.checkpoint,
+        ).grads  # fmt: skip
+    else:  # a user's method (registered key or import path): its own hypergradient at step 0,
+        # over the same η batches and validation batch (a look-ahead's defaults)
+        res_grads, _ = trainer.hypergradient(
+            0, train_steps=range(cfg.meta.unroll), val_batch=(vx, vy)
+        )
 
     model64 = copy.deepcopy(model).double().train()
     names = [k for k, _ in model64.named_parameters()]
     w0 = [p.detach().clone() for _, p in model64.named_parameters()]
     bufs = {k: b.detach() for k, b in model64.named_buffers()}
-    b64 = [(x.double(), y, t.double() if t is not None else None) for x, y, t in batches]
+    b64 = [b.map(lambda v: v.double() if v.is_floating_point() else v) for b in batches]  # ids kept
 
     def forward(w: list[Tensor], x: Tensor) -> Tensor:
         params = dict(zip(names, w, strict=True))
@@ -129,10 +136,12 @@ def check_grad(
         assert trainer.meta is not None
         lam = trainer.meta.constrained(raw)
         w, st = list(w0), {}  # type: ignore[var-annotated]
-        for x, y, t in b64:
-            w = [wi.detach().requires_grad_(True) for wi in w]
+        for b in b64:
+            (x, y, t), w = b, [wi.detach().requires_grad_(True) for wi in w]
             out = forward(w, x)
-            loss = trainer.loss(out, y, t, lam)
+            loss = trainer.loss(
+                out, y, t, by_example(lam, trainer.meta, b)
+            )  # per-sample: b's entries
             g = torch.autograd.grad(loss, w)
             with torch.no_grad():
                 w = _plain_step(cfg.train, w, list(g), st, lam, trainer.binding.schedule)

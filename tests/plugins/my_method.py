@@ -25,3 +25,11 @@ class RecordingLookAhead(LookAhead):
 class NotAMethod:
     def __init__(self, trainer) -> None:
         pass
+
+
+class ScaledLookAhead(LookAhead):
+    """A wrong hypergradient on purpose: the reverse look-ahead's, times 1.5 (for check-grad)."""
+
+    def hypergradient(self, step, *, train_steps=None, val_batch=None):
+        grads, finite = super().hypergradient(step, train_steps=train_steps, val_batch=val_batch)
+        return {k: 1.5 * g for k, g in grads.items()}, finite
