@@ -301,18 +301,11 @@ def run_search(
                 if on_trial is not None:
                     on_trial({"number": trial.number, "state": "PRUNED", "values": values})
                 raise
-            except (ValueError, FloatingPointError) as exc:
+            except (ValueError, FloatingPointError) as exc:  # a diverged trial (train.lr=1e38 too:
+                # metakd.training.diagnostics.overflow_is_divergence) is failed with its error, so a
+                # rerun draws another point
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                 raise
-            except RuntimeError as exc:
-                if "overflow" not in str(exc):  # torch: a setting too large for float32
-                    raise
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                raise ConfigError(
-                    f"trial {trial.number} ({run_dir}) failed: {exc}; a setting is too large for "
-                    f"float32 (train.lr={tcfg.train.lr:g}?): lower it (the study does not retry "
-                    "this point)"
-                ) from None
         keys = ("steps", "wall_seconds", "cpu_seconds", "test_accuracy", "val_accuracy")
         trial.set_user_attr("result", {k: summary.get(k) for k in keys})
         val = summary.get("val_accuracy")
