@@ -32,6 +32,7 @@ __all__ = [
     "DataConfig",
     "ForecastConfig",
     "HypergradConfig",
+    "LabelNoiseConfig",
     "MetaConfig",
     "MetaParamSpec",
     "ModelConfig",
@@ -69,6 +70,7 @@ class MetaParamSpec(_Strict):
     )
     init_range: tuple[float, float] = (-1.0, 1.0)
     shape: list[int] = Field(default_factory=list, description="[] for a scalar")
+    per_sample: bool = Field(default=False, description="N entries, one per training example")
 
     @model_validator(mode="after")
     def _check(self) -> MetaParamSpec:
@@ -84,6 +86,8 @@ class MetaParamSpec(_Strict):
             raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
         if any(s < 1 for s in self.shape):
             raise ValueError(f"shape entries must be >= 1, got {self.shape}")
+        if self.per_sample and self.shape:
+            raise ValueError(f"per_sample=true takes shape [], got {self.shape}")
         return self
 
 
@@ -110,6 +114,14 @@ DATA_SOURCES = ("synthetic", "cifar10", "imagefolder")
 
 #: a transform: a preset name, an import path of a factory, or a list of torchvision.transforms.v2 steps
 TransformSpec = str | list[dict[str, Any]] | None
+
+
+class LabelNoiseConfig(_Strict):
+    """Noise on the teacher's and student's training labels, not val/test (:mod:`metakd.data.noise`)."""
+
+    rate: float = Field(default=0.0, ge=0.0, le=1.0, description="share of the labels flipped")
+    kind: Literal["symmetric", "asymmetric"] = "symmetric"
+    map: dict[int, int] | None = Field(default=None, description="asymmetric: class -> class")
 
 
 class DataConfig(_Strict):
@@ -145,6 +157,7 @@ class DataConfig(_Strict):
     n_val: int = Field(default=15, ge=1)
     n_test: int = Field(default=200, ge=1)
     noise: float = Field(default=0.5, ge=0.0)
+    label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
     val_is_test: bool = Field(
         default=False, description="reference protocol: tune the metaparameters on the test set"
     )

@@ -106,7 +106,7 @@ def test_cross_entropy_objective_and_the_registry():
     ce = objectives.get("cross_entropy")
     assert ce.specs() == {} and not ce.needs_teacher
     assert torch.equal(ce.loss(s, y, None, {}), torch.nn.functional.cross_entropy(s, y))
-    assert list(objectives.available()) == ["cross_entropy", "distillation", "dkd"]
+    assert list(objectives.available()) == ["cross_entropy", "distillation", "dkd", "per_sample_kd"]
     with pytest.raises(ValueError, match="'dkd' is already registered"):
         objectives.register("dkd")(objectives.DecoupledKD)
     with pytest.raises(ConfigError, match=r"did you mean 'dkd'.*\['cross_entropy', 'distillation'"):

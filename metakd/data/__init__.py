@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from metakd.config import DataConfig
-from metakd.data import transforms
+from metakd.data import noise, transforms
 from metakd.data.images import augment_batch, decode_image_folder
 from metakd.data.registry import source_for
 from metakd.data.splits import Split, Splits, sha256, to_device
@@ -45,6 +45,7 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | str) -> Splits:
     dev = to_device(device)
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
     splits = source_for(cfg).splits(cfg, data_seed, dev)
+    splits = noise.apply_label_noise(splits, cfg.label_noise, data_seed)  # train labels only
     splits.train_transform = transforms.batch_transform(cfg)
     if cfg.train_transform is not None:  # the inputs a teacher is trained on, and the runs, differ
         described = transforms.describe(cfg.train_transform, "train")

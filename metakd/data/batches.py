@@ -14,12 +14,14 @@ inputs are deterministic, the live teacher on the augmented tensor otherwise (:m
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from metakd.data.loader import step_loader
 from metakd.data.targets import TeacherTargets, as_targets
 
 if TYPE_CHECKING:
@@ -29,8 +31,27 @@ if TYPE_CHECKING:
 
 __all__ = ["Batch", "BatchStream", "derive_seed"]
 
-#: (x, y, teacher logits or None)
-Batch = tuple[Tensor, Tensor, Tensor | None]
+
+class Batch(tuple):  # type: ignore[type-arg]
+    """A train batch: the tuple ``(x, y, teacher logits or None)`` (``x, y, t = batch``), and ``ids``, the
+    LongTensor (B,) of its examples' rows in D_train (what per-sample metaparameters are indexed by;
+    None for a batch made without them, e.g. a plain tuple given to the library)."""
+
+    ids: Tensor | None
+
+    def __new__(cls, x: Tensor, y: Tensor, t: Tensor | None, ids: Tensor | None = None) -> Batch:
+        batch = super().__new__(cls, (x, y, t))
+        batch.ids = ids
+        return batch
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """The batch with ``fn`` applied to each tensor, ids too (e.g. a rank's shard of every one)."""
+        x, y, t = self
+        ids = None if self.ids is None else fn(self.ids)
+        return Batch(fn(x), fn(y), None if t is None else fn(t), ids)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Batch, (*self, self.ids))
 
 
 def derive_seed(*parts: int) -> int:
@@ -58,6 +79,7 @@ class BatchStream:
         batch_size: int | None,
         val_batch_size: int | None = None,
         augment: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.splits = splits
         self.teacher = as_targets(teacher)
@@ -79,6 +101,11 @@ class BatchStream:
         self.augment = self.transform is not None
         self._perms: dict[int, Tensor] = {}
         self._cache: dict[int, Batch] = {}
+        # streamed train inputs (data.in_memory): this rank's rows, loaded ahead (metakd.data.loader)
+        self.loader = step_loader(splits.train.x, self._perm, self.batch_size, shard)
+        self.sharded = self.loader is not None  # its batches are this rank's shard already
+        # each rank draws its shard's random transform from its own seed (streamed, several ranks)
+        self._rank = shard if self.sharded and shard[1] > 1 else ()
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
@@ -93,16 +120,20 @@ class BatchStream:
             return self._cache[step]
         tr = self.splits.train
         x, y, idx = tr.x, tr.y, None
-        if self.batch_size < self.n:
+        if self.loader is not None:
+            idx, x = self.loader(step)
+            y = y if idx is None else y[idx]
+        elif self.batch_size < self.n:
             epoch, j = divmod(step, self.steps_per_epoch)
             idx = self._perm(epoch)[j * self.batch_size : (j + 1) * self.batch_size].to(x.device)
             x, y = x[idx], y[idx]
         if self.transform is not None:
-            x = self.transform(x, derive_seed(self.seed, 2, step))
+            x = self.transform(x, derive_seed(self.seed, 2, step, *self._rank))
         # the teacher's targets of the tensor the student is fed (the same one the look-ahead unrolls)
         t = self.teacher(idx, x) if self.teacher is not None else None
-        self._cache[step] = (x, y, t)
-        return x, y, t
+        ids = torch.arange(self.n, device=x.device) if idx is None else idx
+        batch = self._cache[step] = Batch(x, y, t, ids)
+        return batch
 
     def consumed(self, step: int) -> None:
         """Forget cached batches up to and including ``step``."""

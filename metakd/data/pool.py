@@ -170,6 +170,8 @@ def pool_splits(
     # where the images lie is not part of their identity (source_fingerprint is): a moved copy matches
     identity = {k: v for k, v in info.items() if k not in ("root", "test_root")}
     info["fingerprint"] = f"{key}-" + sha256(identity, train_idx, val_idx)[:24]
+    # rows of the teacher split that are the train split (metakd.data.noise flips them alike)
+    info["teacher_rows"] = {"train": [0, int(train_idx.numel())]}
     return Splits(
         teacher=splits["teacher"],
         train=splits["train"],

@@ -49,6 +49,9 @@ class Splits:
     #: the random transform of each train batch, ``(x, seed) -> x'`` (:mod:`metakd.data.transforms`; None:
     #: the stored inputs as they are); set by :func:`metakd.data.load_data` from the config
     train_transform: Callable[[Tensor, int], Tensor] | None = None
+    #: ``data.label_noise``: which labels were flipped, ``{"teacher": bool (N_teacher,), "train": bool
+    #: (N_train,)}`` (empty without noise; :mod:`metakd.data.noise`)
+    flipped: dict[str, Tensor] = field(default_factory=dict)
 
 
 def sha256(*parts: Any) -> str:

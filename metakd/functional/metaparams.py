@@ -119,12 +119,16 @@ class MetaParams:
         return {name: constrain(raw[name], spec) for name, spec in self.specs.items()}
 
     def values(self) -> dict[str, float | list[Any]]:
-        """Constrained values as Python numbers (lists for tensor metaparameters)."""
+        """Constrained values as Python numbers (lists for tensor metaparameters; a per-sample one, N
+        entries, as its mean over the examples)."""
         with torch.no_grad():
-            return {k: _as_python(v) for k, v in self.constrained().items()}
+            return {k: self._python(k, v) for k, v in self.constrained().items()}
 
     def raw_values(self) -> dict[str, float | list[Any]]:
-        return {k: _as_python(v) for k, v in self.raw.items()}
+        return {k: self._python(k, v) for k, v in self.raw.items()}
+
+    def _python(self, name: str, v: Tensor) -> float | list[Any]:
+        return _as_python(v.double().mean() if self.specs[name].per_sample else v)
 
     @torch.no_grad()
     def set_values(self, values: Mapping[str, float | Sequence[float] | Tensor]) -> None:

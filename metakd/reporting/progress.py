@@ -67,6 +67,10 @@ def estimate_total_steps(cfg: Config) -> int:
     return cfg.train.epochs * per_epoch
 
 
+def _flat(value: Any) -> list[Any]:
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else [value]
+
+
 def format_meta(meta: Mapping[str, Any] | None) -> str:
     """``{"beta1": 0.4, "temperature": 2.1}`` -> ``"β1=0.400 T=2.10"`` (lists: their mean, ``~``)."""
     if not meta:
@@ -74,8 +78,8 @@ def format_meta(meta: Mapping[str, Any] | None) -> str:
     parts = []
     for name, value in meta.items():
         short = _SHORT.get(name, name)
-        if isinstance(value, (list, tuple)):
-            nums = [float(v) for v in value]
+        if isinstance(value, (list, tuple)):  # a vector or a matrix (meta-weight network)
+            nums = [float(v) for v in _flat(value)]
             value = sum(nums) / len(nums) if nums else float("nan")
             short += "~"
         parts.append(f"{short}={float(value):.3g}")

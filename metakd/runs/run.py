@@ -40,6 +40,7 @@ from metakd.runs.build import (
 )
 from metakd.runs.check_grad import check_grad
 from metakd.runs.config import load_config
+from metakd.runs.per_sample import write_per_sample
 from metakd.runs.rundir import RunDir, atomic_write_bytes
 from metakd.training.distributed import World, from_env
 from metakd.training.precision import check as check_precision
@@ -336,6 +337,7 @@ def _train(
         log.error("%s (run record so far in %s)", exc, rd.path)
         raise
     result = summary("completed")
+    write_per_sample(trainer, rd.path)  # label noise / per-sample λ (metakd.runs.per_sample)
     rd.write_summary(result)  # written before the ledger entry: a failed calibration loses nothing
     result.update(ledger.run_cost(cfg, result, calibrate=cal, world_size=world.size))
     cal.close()

@@ -3,7 +3,8 @@ their seeded initial values (``meta.method=fixed``: ``meta.values``) and the met
 
 ``meta.params`` must hold every metaparameter the objective declares (:mod:`metakd.training.objectives`) and may
 add the student optimizer's ``lr`` / ``weight_decay`` (:mod:`metakd.training.optimizer_binding`); anything else is
-refused with one line. Raw initial values are drawn from a generator seeded by (seed, 3).
+refused with one line. Raw initial values are drawn from a generator seeded by (seed, 3). A spec with
+``per_sample: true`` gets N entries, one per training example (:mod:`metakd.training.per_sample`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError
 from metakd.data.batches import derive_seed
 from metakd.functional.metaparams import MetaParams
+from metakd.training import per_sample
 
 if TYPE_CHECKING:
     from metakd.data import Splits
@@ -50,7 +52,8 @@ def init_meta(
             )
         return None
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 3))
-    meta = MetaParams(specs, generator=gen, device=device)
+    # per-sample specs get one entry per training example (metakd.training.per_sample)
+    meta = MetaParams(per_sample.expand(specs, len(splits.train)), generator=gen, device=device)
     if method == "fixed":
         values = cfg.meta.values
         unset = [n for n in specs if n not in values and specs[n].init is None]

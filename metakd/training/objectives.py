@@ -19,7 +19,9 @@ differentiates it exactly. Built-ins:
 
 Per-class metaparameters: a spec of shape ``[K]`` (K classes) gives sample i the entry of its class
 y_i (a per-class loss weight or temperature); shape ``[]`` is one value for all. Other shapes are
-refused. A user's objective enters by :func:`register` or an import path
+refused. ``per_sample: true`` gives one entry per training example (:mod:`metakd.training.per_sample`: λ
+arrives gathered by example, (B,)); ``per_sample_kd`` computes them with a meta-weight network
+(:mod:`metakd.training.per_sample_kd`). A user's objective enters by :func:`register` or an import path
 ``objective=mypkg.mod:MyLoss`` (:mod:`metakd.plugins`: the working directory is searched too);
 docs/objectives.md has a 20-line example.
 """
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from metakd.config import ConfigError, MetaParamSpec
 from metakd.functional import losses
+from metakd.training.per_sample import PER_EXAMPLE
 
 if TYPE_CHECKING:
     from metakd.config import Config
@@ -52,8 +55,11 @@ __all__ = [
 
 
 def per_class(value: Tensor | float, targets: Tensor) -> Tensor | float:
-    """λ of shape () (or a number) → itself; of shape (K,) → (B,) with entry value[y_i] for sample i."""
-    return value[targets] if isinstance(value, Tensor) and value.dim() > 0 else value
+    """λ of shape () (or a number) → itself; of shape (K,) → (B,) with entry value[y_i] for sample i; a
+    per-sample λ, already (B,) (:func:`metakd.training.per_sample.by_example`), → itself."""
+    if not isinstance(value, Tensor) or value.dim() == 0 or getattr(value, PER_EXAMPLE, False):
+        return value
+    return value[targets]
 
 
 class Objective:
@@ -93,7 +99,9 @@ def register(name: str) -> Callable[[_T], _T]:
     """Decorator adding an objective class (or a factory returning one) under ``name``."""
     from metakd import plugins
 
-    return plugins.registrar(_REGISTRY, (name,), kind="objective", builtin=__name__.__eq__)
+    return plugins.registrar(
+        _REGISTRY, (name,), kind="objective", builtin=lambda m: m.startswith("metakd.training.")
+    )
 
 
 def available() -> dict[str, str]:

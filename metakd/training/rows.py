@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from metakd.config import Config
+from metakd.training.per_sample import compact
 from metakd.training.schedule import plain
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def metrics_row(
 ) -> dict[str, Any]:  # fmt: skip
     """The row of step s: λ after it, its hypergradient (if a meta step), forecasts, evaluations."""
     meta = tr.meta
+    specs = meta.specs if meta is not None else {}  # per-sample λ: logged as their means
     norm = None
     if grads is not None:
         norm = float(
@@ -53,11 +55,11 @@ def metrics_row(
         "step_time": step_time,
         "meta": meta.values() if meta is not None else tr.lambdas(),
         "meta_raw": meta.raw_values() if meta is not None else None,
-        "hypergrad": plain(grads),
+        "hypergrad": plain(compact(grads, specs)),
         "hypergrad_norm": norm,
         "meta_lr": tr.meta_lr(s) if tr.meta_opt is not None else None,
-        "meta_forecast": plain(tr.vec().unflat(extrap)) if extrap is not None else None,
-        "forecast_error": plain(tr.vec().unflat(err)) if err is not None else None,
+        "meta_forecast": None if extrap is None else plain(compact(tr.vec().unflat(extrap), specs)),
+        "forecast_error": None if err is None else plain(compact(tr.vec().unflat(err), specs)),
     }
     row.update(ev)
     return row

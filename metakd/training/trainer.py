@@ -49,6 +49,7 @@ from metakd.training.meta_setup import init_meta, meta_optimizer
 from metakd.training.methods import HypergradMethod, MetaSchedule, build_schedule
 from metakd.training.methods.compiled import compiled_summary
 from metakd.training.optimizer_binding import OptimizerBinding, torch_optimizer
+from metakd.training.per_sample import by_example
 from metakd.training.precision import Precision
 from metakd.training.resume_state import load_optimizer, restore_counters
 from metakd.training.rows import log_due, metrics_row
@@ -172,7 +173,7 @@ class Trainer:
         """L_train(w, λ(r)) on ``batch = (x, y, teacher_logits)`` (the objective), functional in w and r."""
         x, y, t = batch
         lam = self.meta.constrained(meta) if self.meta is not None else self.lambdas()
-        return self.loss(self.fmodel(params, x), y, t, lam)
+        return self.loss(self.fmodel(params, x), y, t, by_example(lam, self.meta, batch))
 
     def val_loss(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         """L_val(w): cross-entropy at T = 1 (eq. 7)."""
@@ -195,11 +196,9 @@ class Trainer:
         return self.world.averaged(inner), state
 
     def batch(self, step: int) -> Batch:
-        """The train batch (x, y, teacher logits) of 0-based ``step`` (this rank's shard of it)."""
-        x, y, t = self.stream.batch(step)
-        if not self.world.distributed:
-            return x, y, t
-        return self.world.shard(x), self.world.shard(y), self.world.shard(t)  # type: ignore[return-value]
+        """The train batch (x, y, teacher logits; ``.ids``) of 0-based ``step`` (this rank's shard of it)."""
+        batch = self.stream.batch(step)
+        return batch.map(self.world.shard) if self.world.distributed else batch  # type: ignore[arg-type]
 
     def val_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The validation batch of the meta step at ``step`` (this rank's shard of it)."""
@@ -323,7 +322,7 @@ class Trainer:
         when it is not finite)."""
         x, y, t = batch
         with torch.no_grad():
-            lam = self.lambdas()
+            lam = by_example(self.lambdas(), self.meta, batch)  # per-sample λ: this batch's entries
         # a learned lr / weight decay, and the lr schedule's f(step), drive the real step
         self.binding.apply(self.optimizer, lam, self.step)
         self.optimizer.zero_grad(set_to_none=True)
