@@ -57,6 +57,11 @@ def teacher(
     console = _setup_logging(quiet)
     with _user_errors():
         cfg = load_cli_config(args, seed=seed, device=device)
+        if cfg.teacher.weights is not None:
+            raise ConfigError(
+                f"teacher.weights={cfg.teacher.weights} is a teacher already (loaded, never trained); "
+                "give it to metakd train as it is, or drop it to train a teacher here"
+            )
         if out is None:
             out = Path(cfg.teacher.checkpoint or Path("runs") / "teachers" / f"{cfg.name}.pt")
         if out.is_dir():

@@ -7,8 +7,10 @@
 The package is a house of floors (docs/architecture.md): ``functional`` (losses, inner optimizers, the
 functional model), ``hypergrad``, ``data``, ``training``, ``reporting``, ``runs``, ``bench``. This module
 is the facade above them: every name (:func:`hypergradient`, :class:`FunctionalModel`, the submodules
-``optim``, ``losses`` and ``metaparams`` of ``metakd.functional``, :class:`Trainer`, :func:`load_config`,
-...) is imported on first use (PEP 562), so ``import metakd`` (and with it ``import metakd.config``, the
+``optim``, ``losses`` and ``metaparams`` of ``metakd.functional``, :class:`Trainer` with what it takes
+from Python — :func:`splits_from_datasets` (your Datasets → :class:`Splits`), :class:`LiveTeacher` /
+:class:`CachedLogits` (your teacher's targets) —, :func:`load_config`, ...) is imported on first use
+(PEP 562), so ``import metakd`` (and with it ``import metakd.config``, the
 command line's ``--help``) imports no torch, pydantic schema or Optuna until a name is used.
 """
 
@@ -19,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what mypy and editors see; at run time __getattr__ imports each on first use
     from metakd.config import Config
+    from metakd.data.from_datasets import splits_from_datasets
+    from metakd.data.splits import Splits
+    from metakd.data.targets import CachedLogits, LiveTeacher
     from metakd.functional import losses, metaparams, optim
     from metakd.functional.losses import cross_entropy, distillation_loss
     from metakd.functional.metaparams import MetaParams
@@ -43,6 +48,10 @@ _LAZY = {
     "ImplicitSolver": "metakd.hypergrad.implicit",
     "implicit_hypergradient": "metakd.hypergrad.implicit",
     "Config": "metakd.config",
+    "splits_from_datasets": "metakd.data.from_datasets",
+    "Splits": "metakd.data.splits",
+    "CachedLogits": "metakd.data.targets",
+    "LiveTeacher": "metakd.data.targets",
     "Trainer": "metakd.training.trainer",
     "load_config": "metakd.runs.config",
     "train_run": "metakd.runs.run",
@@ -50,12 +59,15 @@ _LAZY = {
 }
 
 __all__ = [
+    "CachedLogits",
     "Config",
     "FunctionalModel",
     "HypergradResult",
     "ImplicitResult",
     "ImplicitSolver",
+    "LiveTeacher",
     "MetaParams",
+    "Splits",
     "Trainer",
     "__version__",
     "cross_entropy",
@@ -67,6 +79,7 @@ __all__ = [
     "losses",
     "metaparams",
     "optim",
+    "splits_from_datasets",
     "train_run",
 ]
 

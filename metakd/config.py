@@ -221,6 +221,9 @@ class TeacherConfig(_Strict):
     checkpoint: str | None = Field(
         default=None, description="trained teacher checkpoint; None trains one in-process first"
     )
+    weights: str | None = Field(
+        default=None, description="state_dict file of teacher.model: loaded strictly, never trained"
+    )
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
@@ -234,6 +237,12 @@ class TeacherConfig(_Strict):
     )
     bf16: bool = Field(default=False, description="bf16 autocast of the forward pass (for CUDA)")
     channels_last: bool = Field(default=False, description="channels-last memory format (for CUDA)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if self.checkpoint is not None and self.weights is not None:
+            raise ValueError("set teacher.checkpoint or teacher.weights, not both")
+        return self
 
 
 class TrainConfig(_Strict):

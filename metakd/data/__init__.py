@@ -19,6 +19,7 @@ from metakd.config import DataConfig
 from metakd.data import noise, transforms
 from metakd.data.images import augment_batch, decode_image_folder
 from metakd.data.registry import source_for
+from metakd.data.sources import DataSource
 from metakd.data.splits import Split, Splits, sha256, to_device
 from metakd.data.synthetic import PUBLISHED_SEED, synthetic_arrays
 
@@ -34,17 +35,20 @@ __all__ = [
 ]
 
 
-def load_data(cfg: DataConfig, seed: int, device: torch.device | str) -> Splits:
+def load_data(
+    cfg: DataConfig, seed: int, device: torch.device | str, *, source: DataSource | None = None
+) -> Splits:
     """Load ``cfg.name`` as :class:`Splits` of float32 inputs / int64 labels on ``device``, with the random
     transform of its train batches (``Splits.train_transform``: ``data.augment`` / ``data.train_transform``).
 
     ``seed`` is the run seed; ``cfg.data_seed`` overrides it for generation and splitting. For image data
     keep the split seed fixed across a teacher and its students (set ``data.data_seed``): the teacher
     split is every image not held out for the test, so another seed would leak test images into it.
+    ``source``: the data itself instead of ``cfg.name``'s (:func:`metakd.data.from_datasets.splits_from_datasets`).
     """
     dev = to_device(device)
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
-    splits = source_for(cfg).splits(cfg, data_seed, dev)
+    splits = (source or source_for(cfg)).splits(cfg, data_seed, dev)
     splits = noise.apply_label_noise(splits, cfg.label_noise, data_seed)  # train labels only
     splits.train_transform = transforms.batch_transform(cfg)
     if cfg.train_transform is not None:  # the inputs a teacher is trained on, and the runs, differ

@@ -122,11 +122,11 @@ def _probe(parts: dict[str, Any], transform: Any) -> list[Any]:
 
 
 def materialise(
-    source: DatasetSource, parts: Parts, transform: Any, transform_id: Any, cache_dir: str | Path,
+    source: DatasetSource, parts: Parts, transform: Any, transform_id: Any, cache_dir: str | Path | None,
     *, normalized: bool = False, workers: int | None = None,
 ) -> Pool:  # fmt: skip
     """Decode ``parts`` (through the eval ``transform``, identified by ``transform_id``) into a
-    :class:`Pool`, cached under ``cache_dir``."""
+    :class:`Pool`, cached under ``cache_dir`` (None: decoded every time, nothing written)."""
     sets = {
         k: v
         for k, v in (("train", parts.train), ("val", parts.val), ("test", parts.test))
@@ -138,9 +138,9 @@ def materialise(
         transform_id,
         *_probe(sets, transform),
     )
-    cache = Path(cache_dir) / f"dataset-{source.key}-{key[:24]}.pt"
+    cache = None if cache_dir is None else Path(cache_dir) / f"dataset-{source.key}-{key[:24]}.pt"
     decoded: dict[str, Any] | None = None
-    if cache.is_file():
+    if cache is not None and cache.is_file():
         try:
             decoded = dict(torch.load(cache, map_location="cpu", weights_only=True))
             if decoded.get("key") != key:
@@ -152,11 +152,15 @@ def materialise(
             )
             decoded = None
     if decoded is None:
-        log.info("decoding data source %s once; cached in %s for later runs", source.name, cache)
+        if cache is not None:
+            log.info(
+                "decoding data source %s once; cached in %s for later runs", source.name, cache
+            )
         decoded = {"key": key}
         for name, ds in sets.items():
             decoded[f"{name}_x"], decoded[f"{name}_y"] = _decode(ds, name, transform, workers)
-        atomic_torch_save(decoded, cache)
+        if cache is not None:
+            atomic_torch_save(decoded, cache)
     x, y = decoded["train_x"], decoded["train_y"]
     labels = torch.cat([decoded[f"{k}_y"] for k in sets])
     classes = parts.classes or [str(c) for c in range(int(labels.max()) + 1)]

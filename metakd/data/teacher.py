@@ -4,9 +4,11 @@ The student's training loss (eq. 4) needs the teacher's logits f(x) on D_train, 
 D_val and D_test. :func:`teacher_logits` computes them **once** with the teacher in eval mode and caches
 them on disk under ``cfg.data.cache_dir``, keyed by
 
-* the SHA-256 of the teacher checkpoint file (``teacher.checkpoint`` set), or the teacher config, the data
-  fingerprint, ``data.augment`` and the run seed (``teacher.checkpoint: null``: the teacher is trained
-  in-process with :func:`train_teacher`, as the paper's synthetic experiment does), and
+* the SHA-256 of the teacher checkpoint file (``teacher.checkpoint`` set), of the weights file and the
+  model config (``teacher.weights``: any ``nn.Module`` with a state_dict, never trained,
+  :mod:`metakd.data.pretrained`), or the teacher config, the data fingerprint, ``data.augment`` and the
+  run seed (neither set: the teacher is trained in-process with :func:`train_teacher`, as the paper's
+  synthetic experiment does), and
 * ``splits.info["fingerprint"]`` (the exact data).
 
 A cache hit loads the tensors and never builds or runs the teacher; either way one log line says which
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metakd.config import Config, ConfigError, ModelConfig, TeacherConfig, config_to_dict
-from metakd.data import Split, Splits, augment_batch
+from metakd.data import Split, Splits, augment_batch, pretrained
 from metakd.data.models import build_model
 from metakd.files import atomic_torch_save
 from metakd.status import StatusLine
@@ -353,6 +355,8 @@ def _teacher_source(cfg: Config, splits: Splits) -> tuple[str, str, str]:
         digest = _file_sha256(ckpt)
         source = f"checkpoint:{digest}"
         what = f"teacher checkpoint {str(ckpt)!r} (sha256 {digest[:12]})"
+    elif cfg.teacher.weights is not None:
+        source, what = pretrained.source(cfg.teacher)
     else:
         digest = _sha256_json(config_to_dict(cfg.teacher), fingerprint, cfg.data.augment, cfg.seed)
         source = "in-process:" + digest
@@ -376,8 +380,12 @@ def _build_teacher(
     progress: ProgressFactory | None,
 ) -> tuple[nn.Module, dict[str, Any] | None]:  # fmt: skip
     """The teacher of ``cfg`` in eval mode on ``dev`` and its training metrics: loaded from
-    ``teacher.checkpoint`` (checked against the data; metrics None), else trained in-process (what it
-    gives is cached in ``cached_in``, logged)."""
+    ``teacher.checkpoint`` (checked against the data; metrics None) or built with ``teacher.weights`` (never
+    trained; metrics None), else trained in-process (what it gives is cached in ``cached_in``, logged)."""
+    if cfg.teacher.weights is not None:
+        log.info("teacher: the %s, used as it is (not trained)", what)
+        x = splits.train.x_teacher[:1]
+        return pretrained.load_weights_teacher(cfg.teacher, x, splits.num_classes, dev), None
     if cfg.teacher.checkpoint is not None:
         ckpt = Path(cfg.teacher.checkpoint)
         model, info = load_teacher(ckpt, dev)
@@ -407,13 +415,14 @@ def teacher_module(
 ) -> nn.Module:
     """The teacher ``nn.Module`` itself (eval mode, on ``device``), for a run that evaluates it on each
     batch (:class:`metakd.data.targets.LiveTeacher`, ``data.augment``): loaded from ``teacher.checkpoint``,
-    or trained in-process with :func:`train_teacher` once and cached as a teacher checkpoint under
-    ``cfg.data.cache_dir`` (keyed like the logit cache), so a resumed run gets the very same weights."""
+    built with ``teacher.weights``, or trained in-process with :func:`train_teacher` once and cached as a
+    teacher checkpoint under ``cfg.data.cache_dir`` (keyed like the logit cache), so a resumed run gets
+    the very same weights."""
     dev = torch.device(device)
     source, what, fingerprint = _teacher_source(cfg, splits)
     what = f"{what} on data {fingerprint[:12]}"
     path = Path(cfg.data.cache_dir) / f"teacher-model-{_sha256_json(source, fingerprint)[:24]}.pt"
-    if cfg.teacher.checkpoint is None and path.is_file():
+    if cfg.teacher.checkpoint is None and cfg.teacher.weights is None and path.is_file():
         try:
             model, _ = load_teacher(path, dev)
         except ValueError as exc:
@@ -457,8 +466,9 @@ def teacher_logits(
 ) -> dict[str, Tensor]:
     """Teacher logits f(x) for the student's splits: {"train", "val", "test"} → (N, K) float32 on
     ``device``, computed once (teacher in eval mode) and cached on disk; see the module docstring for
-    the cache key. The teacher comes from ``teacher.checkpoint`` or, when that is None, is trained
-    in-process with :func:`train_teacher` on ``splits.teacher``, reporting to ``progress(epochs)``."""
+    the cache key. The teacher comes from ``teacher.checkpoint``, ``teacher.weights`` or, when both are
+    None, is trained in-process with :func:`train_teacher` on ``splits.teacher``, reporting to
+    ``progress(epochs)``."""
     dev = torch.device(device)
     path, what = _logits_cache_path(cfg, splits)
     logits = _load_cached(path, splits)

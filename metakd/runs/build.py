@@ -24,7 +24,7 @@ import torch
 
 from metakd import data, plugins, threads
 from metakd.config import DATA_SOURCES, Config, ConfigError, config_to_dict
-from metakd.data import models, teacher
+from metakd.data import models, pretrained, teacher
 from metakd.data.targets import CachedLogits, LiveTeacher, TeacherTargets, deterministic_inputs
 from metakd.functional.metaparams import constrain
 from metakd.runs import ledger
@@ -176,11 +176,14 @@ def build(
 
 def check_components(cfg: Config) -> None:
     """Resolve the config's import paths (``student.name``, ``teacher.model.name``,
-    ``forecast.forecaster``, ``data.name``) and check their kind before a run directory is created or
-    a teacher trained; nothing found is called (:mod:`metakd.plugins`). Raises ``ConfigError``."""
+    ``forecast.forecaster``, ``data.name``) and check their kind, and that ``teacher.weights`` is a file,
+    before a run directory is created or a teacher trained; nothing found is called
+    (:mod:`metakd.plugins`). Raises ``ConfigError``."""
     models_ = [("student.name", cfg.student.name)]
     if cfg.meta.method != "baseline":
         models_.append(("teacher.model.name", cfg.teacher.model.name))
+        if cfg.teacher.weights is not None:
+            pretrained.check_weights_path(cfg.teacher.weights)
     for key, name in models_:
         if ":" in name:
             plugins.load_model(name, kind=key)
