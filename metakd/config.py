@@ -33,6 +33,7 @@ __all__ = [
     "ForecastConfig",
     "HypergradConfig",
     "LabelNoiseConfig",
+    "LoaderConfig",
     "MetaConfig",
     "MetaParamSpec",
     "ModelConfig",
@@ -124,6 +125,16 @@ class LabelNoiseConfig(_Strict):
     map: dict[int, int] | None = Field(default=None, description="asymmetric: class -> class")
 
 
+class LoaderConfig(_Strict):
+    """The streaming path's DataLoader (:mod:`metakd.data.loader`): worker processes decoding the train
+    batches, pinned host batches (None: on CUDA), batches each worker loads ahead, workers kept."""
+
+    num_workers: int = Field(default=2, ge=0)
+    pin_memory: bool | None = None
+    prefetch_factor: int = Field(default=2, ge=1)
+    persistent_workers: bool = True
+
+
 class DataConfig(_Strict):
     """The data (:mod:`metakd.data`): a built-in source or a user's datasets by import path, its sizes and
     transforms. Sources, transforms and the factory contract: :mod:`metakd.data.sources`, docs/your-data.md."""
@@ -174,6 +185,11 @@ class DataConfig(_Strict):
         le=SEED_MAX,
         description="seed of the data split/generation; None uses the run seed",
     )
+    # streaming (metakd.data.streaming): true in memory, false streamed, auto in memory when the decoded
+    # tensors fit data.memory_budget_mb (None: a quarter of the RAM)
+    in_memory: Literal["auto"] | bool = "auto"
+    memory_budget_mb: float | None = Field(default=None, gt=0)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
     @field_validator("name")
     @classmethod

@@ -29,6 +29,8 @@ from metakd.data.images import cifar10_pool, imagefolder_pool
 from metakd.data.materialise import materialise
 from metakd.data.pool import Pool, pool_splits
 from metakd.data.splits import Splits, sha256
+from metakd.data.stream_sources import dataset_sets, folder_sets
+from metakd.data.streaming import refuse, streamed_splits
 from metakd.data.synthetic import synthetic_splits
 
 __all__ = ["Cifar10", "DataSource", "DatasetSource", "ImageFolder", "Parts", "Synthetic"]
@@ -63,6 +65,7 @@ class Synthetic(DataSource):
     def splits(self, cfg: DataConfig, seed: int, device: torch.device) -> Splits:
         if cfg.train_transform is not None or cfg.eval_transform is not None:
             raise ConfigError("data.name=synthetic takes no transforms (its inputs are not images)")
+        refuse(cfg)  # data.in_memory=false: it cannot stream
         return synthetic_splits(cfg, seed, device)
 
 
@@ -86,6 +89,7 @@ class Cifar10(DataSource):
             raise ConfigError(
                 "data.test_root is only read by data.name=imagefolder; cifar10 uses its official test set"
             )
+        refuse(cfg)
         pool = cifar10_pool(cfg)
         transform, tid = _eval_transform(cfg)
         if transform is not None:  # the images are in memory already: map them once
@@ -105,6 +109,9 @@ class ImageFolder(DataSource):
 
     def splits(self, cfg: DataConfig, seed: int, device: torch.device) -> Splits:
         transform, tid = _eval_transform(cfg)
+        streamed = folder_sets(cfg, transform, tid)  # data.in_memory: None keeps it in memory
+        if streamed is not None:
+            return streamed_splits(cfg, seed, device, streamed, self.key)
         pool = imagefolder_pool(cfg, transform, tid if transform is not None else None)
         pool.normalized = transforms.normalises(cfg.eval_transform)
         return pool_splits(cfg, seed, device, pool)
@@ -145,6 +152,9 @@ class DatasetSource(DataSource):
             )
         parts = self.datasets(cfg)
         transform, tid = _eval_transform(cfg)
+        streamed = dataset_sets(self, parts, cfg, transform, tid)  # None: in memory
+        if streamed is not None:
+            return streamed_splits(cfg, seed, device, streamed, self.key)
         pool = materialise(
             self,
             parts,

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from metakd.config import Config, config_to_dict
+from metakd.config import Config, LoaderConfig, config_to_dict
 from metakd.runs.rundir import atomic_write_text
 
 __all__ = [
@@ -79,6 +79,15 @@ def reference_key(cfg: Config, world_size: int = 1) -> tuple[str, dict[str, Any]
     if train.get("precision") == "fp32":  # the default: keys cached before the setting still match
         del train["precision"]
     data = {k: v for k, v in d["data"].items() if k not in ("data_seed", "cache_dir")}
+    # the streaming defaults: the keys cached before data.in_memory still match
+    defaults = {
+        "in_memory": "auto",
+        "memory_budget_mb": None,
+        "loader": LoaderConfig().model_dump(),
+    }
+    if all(data.get(k) == v for k, v in defaults.items()):
+        for k in defaults:
+            del data[k]
     fields = {
         "data": data, "student": d["student"], "train": train, "device": d["device"],
         "host": platform.node(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -106,6 +106,7 @@ class Trainer:
             splits, teacher_logits,
             seed=cfg.seed, batch_size=cfg.train.batch_size,
             val_batch_size=cfg.meta.val_batch_size, augment=cfg.data.augment,
+            shard=(self.world.rank, self.world.size),  # a streamed stream loads this rank's rows only
         )  # fmt: skip
         self.steps_per_epoch = self.stream.steps_per_epoch
         n_val = int(splits.val.y.shape[0])
@@ -198,7 +199,8 @@ class Trainer:
     def batch(self, step: int) -> Batch:
         """The train batch (x, y, teacher logits; ``.ids``) of 0-based ``step`` (this rank's shard of it)."""
         batch = self.stream.batch(step)
-        return batch.map(self.world.shard) if self.world.distributed else batch  # type: ignore[arg-type]
+        sharded = not self.world.distributed or self.stream.sharded
+        return batch if sharded else batch.map(self.world.shard)  # type: ignore[arg-type]
 
     def val_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The validation batch of the meta step at ``step`` (this rank's shard of it)."""
