@@ -16,14 +16,41 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-__all__ = ["launch", "rank", "without_nproc"]
+__all__ = ["launch", "peer_loss_exits", "rank", "without_nproc"]
 
 
 def rank() -> int:
     """This process's rank under torchrun (0 outside it)."""
     return int(os.environ.get("RANK", "0"))
+
+
+@contextmanager
+def peer_loss_exits() -> Iterator[None]:
+    """Under torchrun: a collective that fails because another rank died ends this rank with exit
+    code 1 and no traceback (torchrun stops the group; the launcher's one line names the rank that
+    died first). Outside torchrun, or for any other error: nothing changes."""
+    try:
+        yield
+    except Exception as exc:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _peer_lost(exc):
+            raise
+        logging.getLogger("metakd").debug("rank %d: lost a peer (%s)", rank(), exc)
+        raise SystemExit(1) from None
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A torch.distributed failure (a closed connection, a timeout) rather than a user error."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
+    )
 
 
 def without_nproc(argv: Sequence[str]) -> list[str]:

@@ -179,7 +179,10 @@ def train(
         try:
             more = {"overwrite": True} if overwrite else {}
             callbacks = [progress, tracker] if main_rank else []
-            summary = train_run(cfg, cfg.out, resume=resume, callbacks=callbacks, **more)
+            with (
+                launch.peer_loss_exits()
+            ):  # a rank that lost a peer: the launcher names the dead one
+                summary = train_run(cfg, cfg.out, resume=resume, callbacks=callbacks, **more)
             ok = True
         finally:
             progress.close()
