@@ -113,3 +113,16 @@ def test_methods_without_the_exact_global_hypergradient_are_refused() -> None:
         ConfigError, match=r"methods that do: reverse with meta\.hypergrad\.backend=func"
     ):
         _trainer(["meta.method=hypergrad", "meta.hypergrad.method=online"], World(0, 2))
+
+
+def test_a_ranks_shard_gets_the_crops_one_process_draws_for_its_rows() -> None:
+    """data.augment on a streamed shard (each rank loads only its rows): the batch's draws, sliced."""
+    from metakd.data.images import augment_batch
+    from metakd.data.transforms import CropFlip
+
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    whole = augment_batch(x, torch.Generator().manual_seed(11))
+    for rank in range(2):
+        part = CropFlip()(x[4 * rank : 4 * rank + 4], 11, (rank, 2))
+        assert torch.equal(part, whole[4 * rank : 4 * rank + 4])
+    assert torch.equal(CropFlip()(x, 11), whole)  # one process: the draws it always took

@@ -104,8 +104,9 @@ class BatchStream:
         # streamed train inputs (data.in_memory): this rank's rows, loaded ahead (metakd.data.loader)
         self.loader = step_loader(splits.train.x, self._perm, self.batch_size, shard)
         self.sharded = self.loader is not None  # its batches are this rank's shard already
-        # each rank draws its shard's random transform from its own seed (streamed, several ranks)
-        self._rank = shard if self.sharded and shard[1] > 1 else ()
+        # a streamed shard is transformed as this rank's rows of the step's batch (data.augment: the
+        # very crops of one process; a per-row transform: draws of its own, metakd.data.transforms)
+        self._shard = shard if self.sharded else (0, 1)
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
@@ -128,7 +129,13 @@ class BatchStream:
             idx = self._perm(epoch)[j * self.batch_size : (j + 1) * self.batch_size].to(x.device)
             x, y = x[idx], y[idx]
         if self.transform is not None:
-            x = self.transform(x, derive_seed(self.seed, 2, step, *self._rank))
+            seed = derive_seed(self.seed, 2, step)
+            if self._shard[1] > 1 and getattr(self.transform, "shard_exact", False):
+                x = self.transform(x, seed, self._shard)  # type: ignore[call-arg]
+            else:  # one process, or per-row draws: each rank a seed of its own
+                x = self.transform(
+                    x, derive_seed(seed, *self._shard) if self._shard[1] > 1 else seed
+                )
         # the teacher's targets of the tensor the student is fed (the same one the look-ahead unrolls)
         t = self.teacher(idx, x) if self.teacher is not None else None
         ids = torch.arange(self.n, device=x.device) if idx is None else idx

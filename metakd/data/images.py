@@ -287,20 +287,29 @@ def imagefolder_pool(
     )  # fmt: skip
 
 
-def augment_batch(x: Tensor, generator: torch.Generator | None = None, padding: int = 4) -> Tensor:
+def augment_batch(
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    padding: int = 4,
+    *,
+    rows_of: tuple[int, int] | None = None,
+) -> Tensor:
     """Random crop with zero padding ``padding`` and random horizontal flip, per image.
 
     x: (B, C, H, W) → (B, C, H, W), on x's device. Offsets and flips are drawn from ``generator``
     (on its own device, default the global CPU generator); the input is not modified.
+    ``rows_of=(start, total)``: x is rows [start, start + B) of a ``total``-row batch (a rank's shard):
+    the draws are the whole batch's, sliced, so each image gets what it would in one process.
     """
     if x.dim() != 4:
         raise ValueError(f"augment_batch needs images (B, C, H, W), got shape {tuple(x.shape)}")
     b, _, h, w = x.shape
+    start, total = rows_of if rows_of is not None else (0, b)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=gen_device).to(
-        x.device
-    )
-    flip = torch.rand(b, generator=generator, device=gen_device).to(x.device) < 0.5
+    drawn = torch.randint(0, 2 * padding + 1, (2, total), generator=generator, device=gen_device)
+    offsets = drawn[:, start : start + b].to(x.device)
+    flip = (torch.rand(total, generator=generator, device=gen_device) < 0.5)[start : start + b]
+    flip = flip.to(x.device)
     padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
     rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (B, W)

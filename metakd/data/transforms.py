@@ -187,7 +187,13 @@ class BatchTransform:
         self.transform = transform
         self.description = description
 
-    def __call__(self, x: Tensor, seed: int) -> Tensor:
+    #: whether a rank's shard can be transformed exactly as its rows of the whole batch would be
+    shard_exact = False
+
+    def __call__(self, x: Tensor, seed: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
+        """x transformed with the draws of ``seed``, row by row. ``shard=(rank, R)`` (x is that rank's
+        equal shard of the step's batch) is not :attr:`shard_exact`: the caller gives each rank a seed
+        of its own, so several ranks draw other transforms than one process does."""
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -201,10 +207,13 @@ class CropFlip(BatchTransform):
     def __init__(self) -> None:
         super().__init__(lambda x: x, "augment")
 
-    def __call__(self, x: Tensor, seed: int) -> Tensor:
+    shard_exact = True
+
+    def __call__(self, x: Tensor, seed: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
         from metakd.data.images import augment_batch
 
-        return augment_batch(x, torch.Generator().manual_seed(seed))
+        rows_of = (shard[0] * x.shape[0], shard[1] * x.shape[0])  # the whole batch's draws, sliced
+        return augment_batch(x, torch.Generator().manual_seed(seed), rows_of=rows_of)
 
 
 def batch_transform(cfg: DataConfig) -> BatchTransform | None:
