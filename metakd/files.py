@@ -10,6 +10,7 @@ the run directory (:mod:`metakd.runs.rundir`) and the reports all use it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "disk_full",
     "file_mode",
+    "file_sha256",
     "raise_if_full",
     "read_config_file",
     "read_summary_file",
@@ -143,3 +145,12 @@ def read_summary_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a run summary; {fix}")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (teacher checkpoints and weights files)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

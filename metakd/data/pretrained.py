@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from metakd.config import ConfigError, TeacherConfig, config_to_dict
 from metakd.data.models import build_model
+from metakd.files import file_sha256
 
 __all__ = ["check_weights_path", "load_weights_teacher", "source"]
 
@@ -41,20 +42,12 @@ def check_weights_path(path: str | Path) -> Path:
     return p
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source(cfg: TeacherConfig) -> tuple[str, str]:
     """(cache-key source, description) of the teacher ``cfg.model`` with the weights ``cfg.weights``: the
     key hashes the file's content (not its path or time) and the model config."""
     assert cfg.weights is not None
     path = check_weights_path(cfg.weights)
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     model = json.dumps(config_to_dict(cfg.model), sort_keys=True)
     key = hashlib.sha256(f"{digest}\n{model}".encode()).hexdigest()
     return (

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from metakd.config import Config, ConfigError, ModelConfig, TeacherConfig, config_to_dict
 from metakd.data import Split, Splits, augment_batch, pretrained
 from metakd.data.models import build_model
-from metakd.files import atomic_torch_save
+from metakd.files import atomic_torch_save, file_sha256
 from metakd.status import StatusLine
 
 __all__ = [
@@ -74,14 +74,6 @@ log = logging.getLogger(__name__)
 
 def _sha256_json(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _optimizer(cfg: TeacherConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -352,7 +344,7 @@ def _teacher_source(cfg: Config, splits: Splits) -> tuple[str, str, str]:
         ckpt = Path(cfg.teacher.checkpoint)
         if not ckpt.is_file():
             _read_checkpoint(ckpt)  # raises the clear FileNotFoundError
-        digest = _file_sha256(ckpt)
+        digest = file_sha256(ckpt)
         source = f"checkpoint:{digest}"
         what = f"teacher checkpoint {str(ckpt)!r} (sha256 {digest[:12]})"
     elif cfg.teacher.weights is not None:

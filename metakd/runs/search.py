@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from metakd.files import file_sha256
 from metakd.config import Config, ConfigError, config_to_dict
 from metakd.runs.rundir import (
     _diff_keys,
@@ -390,10 +391,9 @@ def teacher_digest(cfg: Config) -> str | None:
     """sha256 of the teacher checkpoint file (``teacher.checkpoint``), None for an in-process teacher
     (its config is part of the study's config). A study continued in another sitting, or from a
     committed report, must use the same file: a teacher retrained there may differ."""
-    from metakd.data.teacher import _file_sha256
 
     ckpt = cfg.teacher.checkpoint
-    return _file_sha256(Path(ckpt)) if ckpt is not None and Path(ckpt).is_file() else None
+    return file_sha256(Path(ckpt)) if ckpt is not None and Path(ckpt).is_file() else None
 
 
 def _comparable(conf: Any) -> Any:
