@@ -237,7 +237,8 @@ def _print_train_summary(
         + ")",
         f"  wall time            {_fmt_seconds(wall)} on {summary.get('device', '-')}",
         f"  cost                 {_fmt_cost(summary.get('cost'))}",
-        "  files                summary.json, metrics.jsonl, config.yaml, run.log, checkpoints/",
+        "  files                summary.json, metrics.jsonl, config.yaml, run.log, checkpoints/"
+        + (", per_sample.pt" if (run_dir / "per_sample.pt").is_file() else ""),
     ]
     if tracker.url:
         lines.append(f"  W&B                  {tracker.url}")

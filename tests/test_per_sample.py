@@ -199,6 +199,7 @@ def test_a_run_from_the_command_line_writes_per_sample_pt(tmp_path, form, keys):
         *SIZES, "data.label_noise.rate=0.4", *form, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert "per_sample.pt" in proc.stdout  # the summary's files line names it
     state = torch.load(out / "per_sample.pt", weights_only=True)
     assert set(state) == {"flipped", "labels", *keys}
     assert state["flipped"].dtype == torch.bool and state["flipped"].shape == (100,)
