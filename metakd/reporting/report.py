@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from metakd.files import atomic_write_text
-from metakd.reporting import search_tables
+from metakd.reporting import per_sample, search_tables
 from metakd.reporting.figures import FIGURES, make_figures
 from metakd.reporting.loading import (
     METHOD_ORDER,
@@ -168,7 +168,9 @@ def _data_of(run: Run) -> str:
 def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool = False) -> Path:
     """Write ``report.md``, ``results.csv`` (one row per method), ``runs.csv`` (one row per run) and
     the figures (``accuracy.png``, ``metaparams.png``, ``sensitivity.png``, ``sweep.png``,
-    ``cost.png``; those without data are skipped and named in ``report.md``) into ``out_dir``.
+    ``cost.png``; those without data are skipped and named in ``report.md``; ``per_sample.png`` and
+    its AUROC table only when a run has a ``per_sample.pt`` with flipped and clean examples) into
+    ``out_dir``.
     ``paths``: run directories and/or directories searched recursively for them; runs whose summary
     has ``status: failed`` are left out (and listed). Returns the path of ``report.md``."""
     skipped: list[tuple[Path, str]] = []
@@ -198,6 +200,11 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
     figures = make_figures(runs, logx=logx)
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=100)
+    noisy = [e for r in runs if (e := per_sample.load_per_sample(r)) is not None]
+    if ps_fig := per_sample.per_sample_figure(
+        noisy, [os.path.relpath(e.run.path, out) for e in noisy]
+    ):
+        ps_fig.savefig(out / "per_sample.png", dpi=100)
     runs_rows = [_run_row(r, os.path.relpath(r.path, out)) for r in runs]
     _write_text_atomic(out / "results.csv", results_csv(table))
     _write_text_atomic(out / "runs.csv", _csv_text(runs_rows))
@@ -241,6 +248,7 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, logx: bool
             parts.append(f"### {name}\n\n{_CAPTIONS[name]}\n\n![{name}]({name}.png)\n\n")
         else:
             parts.append(f"### {name}\n\nSkipped: {_SKIPPED[name]}.\n\n")
+    parts.append(per_sample.section(noisy, out))  # runs with per_sample.pt (issue 32)
     parts.append(_forecast_errors(runs))
     parts.append(search_tables.section(paths, out))  # studies and pipelines among the paths
     parts.append("## Runs and their settings\n\n")
