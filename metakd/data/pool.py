@@ -23,7 +23,7 @@ from torch import Tensor
 from metakd.config import ConfigError, DataConfig
 from metakd.data.splits import Split, Splits, sha256
 
-__all__ = ["Pool", "channel_stats", "pool_splits"]
+__all__ = ["Pool", "channel_stats", "histogram_stats", "pool_splits"]
 
 
 @dataclass
@@ -54,6 +54,12 @@ def _uint8_stats(images: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         hist += torch.bincount((values + offsets).flatten(), minlength=channels * 256).view(
             channels, 256
         )
+    return histogram_stats(hist)
+
+
+def histogram_stats(hist: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, std) in [0, 1] pixel units of a (C, 256) float64 histogram of uint8 values
+    (exact counts, so the in-memory and the streamed scan give the same float32 result)."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
     count = hist.sum(1)
     mean = (hist * levels).sum(1) / count

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from metakd.config import ConfigError, DataConfig, LoaderConfig
-from metakd.data.pool import Pool, _check_sizes
+from metakd.data.pool import Pool, _check_sizes, histogram_stats
 from metakd.data.splits import Split, Splits, sha256
 from metakd.files import atomic_torch_save
 from metakd.status import StatusLine
@@ -228,16 +228,6 @@ def scan(
     return out
 
 
-def _uint8_stats(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, std) of a (C, 256) histogram: :func:`metakd.data.pool.channel_stats`' formula
-    on the same exact counts, so the same float32 result."""
-    levels = torch.arange(256, dtype=torch.float64) / 255.0
-    count = s.sum(1)
-    mean = (s * levels).sum(1) / count
-    var = (s * (levels - mean[:, None]) ** 2).sum(1) / count
-    return mean.float(), var.clamp_min(1e-12).sqrt().float()
-
-
 def _float_stats(s: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """From the sums of values and squares: the in-memory statistics to float64 round-off."""
     mean = s[:, 0] / count
@@ -295,7 +285,7 @@ def streamed_splits(
             held = torch.stack([torch.as_tensor(items[int(i)][0]) for i in test_idx])
             stats -= batch_stats(held)
         count = len(rest) * _per_channel(shape)
-        mean, std = _uint8_stats(stats) if uint8 else _float_stats(stats, count)
+        mean, std = histogram_stats(stats) if uint8 else _float_stats(stats, count)
     else:
         mean, std = zero, one
     labels = {k: s.labels for k, s in sc.items()}
