@@ -56,6 +56,11 @@ def _overrides(tmp_path: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# a fixed λ: the tests look at the teacher's targets, not at λ
+FIXED = ("meta.method=fixed", "meta.values.beta1=0.5", "meta.values.beta2=0.5",
+         "meta.values.temperature=2.0")  # fmt: skip
+
+
 @pytest.fixture
 def image_cfg(tmp_path: Path) -> Config:
     _write_folder(tmp_path / "images", ("cat", "dog", "emu"), per_class=10)
@@ -63,10 +68,7 @@ def image_cfg(tmp_path: Path) -> Config:
         None,
         _overrides(
             tmp_path,
-            "meta.method=fixed",
-            "meta.values.beta1=0.5",
-            "meta.values.beta2=0.5",
-            "meta.values.temperature=2.0",
+            *FIXED,
         ),
     )
 
@@ -187,10 +189,7 @@ def test_deterministic_inputs_use_the_cached_logits(tmp_path: Path) -> None:
         None,
         _overrides(
             tmp_path,
-            "meta.method=fixed",
-            "meta.values.beta1=0.5",
-            "meta.values.beta2=0.5",
-            "meta.values.temperature=2.0",
+            *FIXED,
             "data.augment=false",
         ),
     )
@@ -201,10 +200,7 @@ def test_deterministic_inputs_use_the_cached_logits(tmp_path: Path) -> None:
         None,
         _overrides(
             tmp_path,
-            "meta.method=fixed",
-            "meta.values.beta1=0.5",
-            "meta.values.beta2=0.5",
-            "meta.values.temperature=2.0",
+            *FIXED,
         ),
     )
     _, targets, _ = build(live, torch.device("cpu"))
