@@ -227,7 +227,9 @@ def _print_train_summary(
     skipped = summary.get("skipped_meta_steps")
     lines = [
         f"[bold]Run directory:[/bold] {run_dir}",
-        f"  method               {summary.get('method', '-')} (seed {summary.get('seed', '-')})",
+        f"  method               {summary.get('method', '-')} (seed {summary.get('seed', '-')}"
+        + ("; meta.preset=practice" if summary.get("meta_preset") == "practice" else "")
+        + ")",
         f"  test accuracy        {acc('test_accuracy')} (best {acc('best_test_accuracy')})",
         f"  val accuracy         {acc('val_accuracy')}",
         f"  λ                    {format_meta(summary.get('meta')) or '-'}",

@@ -8,7 +8,15 @@ from pydantic import Field, field_validator, model_validator
 
 from metakd.config.base import MetaParamSpec, Strict, default_meta_params
 
-__all__ = ["ForecastConfig", "HypergradConfig", "ImplicitConfig", "MetaConfig", "TrainConfig"]
+__all__ = [
+    "ONLINE_MAX_ENTRIES",
+    "PRESET_KEYS",
+    "ForecastConfig",
+    "HypergradConfig",
+    "ImplicitConfig",
+    "MetaConfig",
+    "TrainConfig",
+]
 
 
 class TrainConfig(Strict):
@@ -131,8 +139,36 @@ class HypergradConfig(Strict):
     implicit: ImplicitConfig = Field(default_factory=ImplicitConfig)
 
 
+#: The meta-step keys a ``meta.preset`` sets (those the user did not set). ``paper``: the schema's own
+#: defaults, the paper's greedy one-step hypergradient (η = 1, a meta step every step, meta SGD lr 1),
+#: right for the full-batch synthetic task. ``practice``: the setting measured best on real data, where
+#: the one-step horizon drives T to its floor (docs/reproduction.md, "CPU probe"; docs/hypergradients.md,
+#: "Which hypergradient by default"): the online forward mode with forgetting factor 0.999 for at most
+#: :data:`ONLINE_MAX_ENTRIES` metaparameter entries, else a 10-step reverse unroll; a meta step every 10
+#: steps; meta Adam lr 0.05; ``train.normalize_weights``. ``metakd.runs.config.apply_preset`` applies it.
+PRESET_KEYS = (
+    "meta.unroll",
+    "meta.every",
+    "meta.optimizer",
+    "meta.lr",
+    "meta.hypergrad.method",
+    "meta.hypergrad.online_decay",
+    "train.normalize_weights",
+)
+#: the online step costs 4.5–7 plain steps at H ≤ 3 entries and 18–157 beyond (docs/hypergradients.md): then reverse η = 10
+ONLINE_MAX_ENTRIES = 3
+
+
 class MetaConfig(Strict):
     method: Literal["baseline", "fixed", "random", "hypergrad", "forecast"] = "hypergrad"
+    preset: Literal["auto", "paper", "practice"] = Field(
+        default="auto",
+        description="defaults of the meta step's keys not set explicitly (PRESET_KEYS): paper (the "
+        "one-step greedy hypergradient, the schema defaults) | practice (online γ 0.999 or reverse "
+        "η 10, a meta step every 10 steps, meta Adam lr 0.05, train.normalize_weights) | auto: practice "
+        "for method hypergrad or forecast on data other than synthetic with none of the meta step's "
+        "keys set, else paper",
+    )
     params: dict[str, MetaParamSpec] = Field(default_factory=default_meta_params)
     values: dict[str, float | list[float]] = Field(
         default_factory=dict,

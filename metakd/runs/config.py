@@ -14,17 +14,19 @@ registered method or an import path (:func:`metakd.training.methods.check_name`)
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError, config_to_dict
+from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError, MetaConfig, config_to_dict
+from metakd.config.training import ONLINE_MAX_ENTRIES, PRESET_KEYS
 from metakd.training import methods, objectives
 
-__all__ = ["apply_overrides", "load_config", "resolve", "validate"]
+__all__ = ["apply_overrides", "apply_preset", "load_config", "resolve", "validate"]
 
 
 def resolve(cfg: Config) -> Config:
@@ -36,8 +38,110 @@ def resolve(cfg: Config) -> Config:
         specs = objectives.build(cfg).specs()
         if specs != cfg.meta.params:
             cfg.meta.params = specs
+    apply_preset(cfg, explicit_keys(cfg))
     methods.check_name(cfg.meta.hypergrad.method)
     return cfg
+
+
+def explicit_keys(model: BaseModel, prefix: str = "") -> set[str]:
+    """Dotted keys of the fields set explicitly in ``model`` and its sections (pydantic's
+    ``model_fields_set``, recursively)."""
+    keys: set[str] = set()
+    for name in model.model_fields_set:
+        keys.add(prefix + name)
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            keys |= explicit_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+# The meta step's own keys: setting any of them means "I configure the meta step" (meta.preset=auto → paper).
+_META_STEP_KEYS = tuple(k for k in PRESET_KEYS if k.startswith("meta."))
+
+
+def _owns_meta_step(explicit: Collection[str]) -> bool:
+    return any(k in explicit for k in _META_STEP_KEYS) or any(
+        k == "meta.hypergrad" or k.startswith("meta.hypergrad.") for k in explicit
+    )
+
+
+def _entries(cfg: Config) -> float:
+    """Number of metaparameter entries H (inf for a per-sample one: one entry per example)."""
+    return sum(
+        math.inf if spec.per_sample else math.prod(spec.shape) for spec in cfg.meta.params.values()
+    )
+
+
+def preset_values(cfg: Config, preset: str, explicit: Collection[str] = ()) -> dict[str, Any]:
+    """The values ``meta.preset`` ``paper`` or ``practice`` gives the keys of
+    :data:`metakd.config.training.PRESET_KEYS` (docs/hypergradients.md, "Which hypergradient by
+    default"). ``practice`` uses the online forward mode for at most ``ONLINE_MAX_ENTRIES``
+    metaparameter entries unless the method or the unroll is set explicitly, else a 10-step reverse
+    unroll."""
+    if preset == "paper":
+        default = Config()
+        return {key: _get(default, key) for key in PRESET_KEYS}
+    hc = cfg.meta.hypergrad
+    online = (
+        "meta.hypergrad.method" not in explicit
+        and "meta.unroll" not in explicit
+        and _entries(cfg) <= ONLINE_MAX_ENTRIES
+        and hc.backend == "func"
+        and hc.unroll_optimizer == "match"
+    )
+    step: dict[str, Any] = (
+        {"meta.hypergrad.method": "online", "meta.hypergrad.online_decay": 0.999, "meta.unroll": 1}
+        if online
+        else {"meta.hypergrad.method": "reverse", "meta.hypergrad.online_decay": 1.0, "meta.unroll": 10}
+    )
+    return {
+        **step,
+        "meta.every": 10,
+        "meta.optimizer": "adam",
+        "meta.lr": 0.05,
+        "train.normalize_weights": True,
+    }
+
+
+def apply_preset(cfg: Config, explicit: Collection[str]) -> str:
+    """Give the keys of ``PRESET_KEYS`` not in ``explicit`` the values of ``cfg.meta.preset`` (in
+    place) and record the preset chosen; returns it. ``auto`` resolves to ``practice`` for
+    ``meta.method`` hypergrad or forecast on data other than ``synthetic`` with no meta-step key set
+    explicitly, else to ``paper`` (the schema's defaults)."""
+    chosen = cfg.meta.preset if "meta.preset" in explicit else "auto"
+    if chosen == "auto":
+        own = _owns_meta_step(explicit)
+        tuned = cfg.meta.method in ("hypergrad", "forecast")
+        chosen = "practice" if tuned and cfg.data.name != "synthetic" and not own else "paper"
+    for key, value in preset_values(cfg, chosen, explicit).items():
+        if key not in explicit and _get(cfg, key) != value:
+            _set(cfg, key, value)
+    cfg.meta.preset = chosen  # type: ignore[assignment]
+    # the filled keys are checked together (hypergrad.method=online needs backend=func, ...)
+    MetaConfig.model_validate(cfg.meta.model_dump())
+    return chosen
+
+
+def _get(model: Any, key: str) -> Any:
+    for part in key.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _set(model: Any, key: str, value: Any) -> None:
+    *path, leaf = key.split(".")
+    for part in path:
+        model = getattr(model, part)
+    setattr(model, leaf, value)
+
+
+def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, value in data.items():
+        keys.add(prefix + str(name))
+        if isinstance(value, Mapping):
+            keys |= _flat_keys(value, f"{prefix}{name}.")
+    return keys
 
 
 def validate(data: Mapping[str, Any], source: str = "") -> Config:
@@ -162,6 +266,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             )
         data = loaded
     overrides = list(overrides)
+    # the keys the file and the overrides set: meta.preset fills the others (apply_preset)
+    explicit = _flat_keys(data)
+    for item in overrides:
+        key, _, text = item.partition("=")
+        key = key.strip().lstrip("-")
+        explicit.add(key)
+        value = _parse_value(text)
+        if isinstance(value, Mapping):
+            explicit |= _flat_keys(value, key + ".")
     # The objective is chosen first: its metaparameters are the defaults that meta.params overrides edit.
     first = [
         o
@@ -182,7 +295,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = config_to_dict(base)
             _check_new_metaparams(data, overrides)
     apply_overrides(data, overrides)
-    return validate(data, source)
+    cfg = validate(data, source)
+    try:
+        apply_preset(cfg, explicit)
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"config key 'meta.preset': {exc}") from None
+    return cfg
 
 
 _OBJECTIVE_KEYS = ("objective", "objective_kwargs")

@@ -304,6 +304,14 @@ def _train(
     for cb in callbacks:
         cb.on_run_start(cfg, rd.path, info)
     log.info("run %s: %s, %d steps on %s", rd.path, cfg.meta.method, trainer.total_steps, device)
+    if cfg.meta.preset == "practice" and cfg.meta.method in ("hypergrad", "forecast"):
+        m = cfg.meta
+        log.info(
+            "meta.preset=practice: %s hypergradient, a meta step every %d steps, meta %s lr %g, "
+            "train.normalize_weights=%s (meta.preset=paper: the paper's one-step hypergradient)",
+            m.hypergrad.method if m.hypergrad.method == "online" else f"{m.hypergrad.method} η={m.unroll}",
+            m.every, m.optimizer, m.lr, cfg.train.normalize_weights,
+        )  # fmt: skip
 
     def checkpoint(epoch: int) -> None:
         if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
@@ -319,7 +327,7 @@ def _train(
     def summary(status: str) -> dict[str, Any]:
         return {
             "name": cfg.name, "seed": cfg.seed, **trainer.summary(), "cpu_seconds": cpu_seconds(),
-            "world_size": world.size,
+            "world_size": world.size, "meta_preset": cfg.meta.preset,
             "status": status,
             "device": str(device), "metakd_version": metakd.__version__, "git_commit": git_commit(),
             "run_dir": str(rd.path), "command": current, "commands": commands,
