@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 32's study on a CPU: the CIFAR-10 protocol of configs/cifar10.yaml (cifar_very_tiny student,
+# Adam 1e-3, batch 128) with noisy training labels, a clean 1,000-image validation set (the meta set and
+# the early-stopping set of every row) and a cifar_tiny teacher trained on the same noisy labels.
+#
+#   bash benchmarks/noise_study.sh OUT [RATE] [KIND] [SEEDS]
+#   ROWS="ce kd scalar free mwn" JOBS=2 EPOCHS=100 TEACHER_EPOCHS=20 bash benchmarks/noise_study.sh ...
+#   python benchmarks/noise_table.py OUT        # the table: early-stopped test accuracy, cost, AUROC
+#
+# Rows (every meta key set here, so meta.preset does not apply):
+#   ce      no distillation (cross-entropy on the noisy labels)
+#   kd      vanilla KD at the clean data's best grid point (β1 0.01, β2 0.99, T 6.5; docs/reproduction.md)
+#   scalar  hypergrad on scalar (β1, β2, T): online forward mode γ 0.999, every 10, meta Adam 0.05,
+#           normalized weights (the best scalar setting of docs/reproduction.md)
+#   free    per-sample β1ᵢ, β2ᵢ (free entries, N = 10,112 each) and a scalar T: reverse η = 10 over the
+#           batches about to be consumed, a meta step every 10 steps (so every example's entries move once
+#           per epoch, just before it is trained on), meta Adam 0.05, weights normalized per example
+#   mwn     meta-weight network (objective=per_sample_kd): η = 1, a meta step every step, meta Adam 1e-3
+#           (Meta-Weight-Net's setting)
+# Resumable: a run with a completed summary is kept, an interrupted one continues (--resume). Each run is
+# one process with one torch thread; JOBS run at a time (two on this 2-core machine).
+set -euo pipefail
+OUT=${1:?usage: noise_study.sh OUT [RATE] [KIND] [SEEDS]}
+RATE=${2:-0.4}
+KIND=${3:-symmetric}
+SEEDS=${4:-0}
+ROWS=${ROWS:-"ce kd scalar free mwn"}
+JOBS=${JOBS:-2}
+EPOCHS=${EPOCHS:-100}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-20}
+METAKD=${METAKD:-metakd}
+DATA="data.n_val=1000 data.label_noise.rate=$RATE data.label_noise.kind=$KIND"
+mkdir -p "$OUT"
+
+if [ ! -f "$OUT/teacher.pt" ]; then
+  echo "teacher: $TEACHER_EPOCHS epochs on the noisy labels -> $OUT/teacher.pt" >&2
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 $METAKD teacher configs/teacher_tiny.yaml $DATA teacher.epochs="$TEACHER_EPOCHS" \
+    --out "$OUT/teacher.pt" --device cpu
+fi
+
+row_args() {
+  case "$1" in
+    ce) echo "meta.method=baseline" ;;
+    kd) echo "meta.method=fixed meta.values.beta1=0.01 meta.values.beta2=0.99 meta.values.temperature=6.5" ;;
+    scalar) echo "meta.method=hypergrad meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 \
+meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
+    free) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
+meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
+    mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
+    *) echo "unknown row $1 (ce kd scalar free mwn)" >&2; return 2 ;;
+  esac
+}
+
+one() {  # one run: ROW SEED
+  local row=$1 seed=$2 dir="$OUT/$1/seed-$2"
+  if [ -f "$dir/summary.json" ] && grep -q '"status": "completed"' "$dir/summary.json"; then
+    echo "$row seed $seed: done" >&2; return 0
+  fi
+  local args
+  args=$(row_args "$row")
+  if [ -f "$dir/config.yaml" ]; then
+    echo "$row seed $seed: resuming $dir" >&2
+    OMP_NUM_THREADS=1 $METAKD train --resume "$dir" -q > /dev/null
+  else
+    echo "$row seed $seed: $dir" >&2
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 $METAKD train configs/cifar10.yaml $DATA teacher.checkpoint="$OUT/teacher.pt" \
+      seed="$seed" train.epochs="$EPOCHS" device=cpu wandb.mode=disabled $args --out "$dir" -q > /dev/null
+  fi
+}
+export -f one row_args
+export OUT DATA EPOCHS METAKD
+
+for seed in $SEEDS; do for row in $ROWS; do echo "$row $seed"; done; done \
+  | xargs -P "$JOBS" -L 1 bash -c 'one "$0" "$1"'

@@ -1,0 +1,99 @@
+"""The table of issue 32's study from the run directories of benchmarks/noise_study.sh.
+
+    python benchmarks/noise_table.py OUT [--rows ce,kd,scalar,free,mwn]
+
+One row per study row (``OUT/<row>/seed-<s>/``): seeds finished, the final test accuracy and the
+**early-stopped** one (the test accuracy at the epoch of the best accuracy on the clean validation set,
+which every row — cross-entropy included — is judged by), the compute in plain runs (the run's ledger
+entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of the same config), and for
+per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
+label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+
+def _rows(run: Path) -> list[dict]:
+    return [
+        r
+        for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        if r.get("val_accuracy") is not None and r.get("test_accuracy") is not None
+    ]
+
+
+def early_stopped(run: Path) -> tuple[float, int]:
+    """(test accuracy, epoch) at the first evaluation with the best validation accuracy."""
+    rows = _rows(run)
+    best = max(rows, key=lambda r: r["val_accuracy"])  # max keeps the first of equal values
+    return float(best["test_accuracy"]), int(best["epoch"])
+
+
+def auroc(run: Path) -> float | None:
+    path = run / "per_sample.pt"
+    if not path.is_file():
+        return None
+    data = torch.load(path, weights_only=True)
+    if "beta1" not in data or not bool(data["flipped"].any()):
+        return None
+    return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
+
+
+def _fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "–"
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rows", default="ce,kd,scalar,free,mwn")
+    args = parser.parse_args()
+    print(
+        "| row | seeds (done/started) | early-stopped test acc | (epoch) | final test acc "
+        "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for row in args.rows.split(","):
+        runs = sorted((args.out / row).glob("seed-*"))
+        done = []
+        for run in runs:
+            summary = run / "summary.json"
+            if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+                done.append(run)
+        if not runs:
+            continue
+        early, epochs, final, cost, au, wall = [], [], [], [], [], []
+        for run in done:
+            s = json.loads((run / "summary.json").read_text())
+            acc, epoch = early_stopped(run)
+            early.append(acc)
+            epochs.append(str(epoch))
+            final.append(float(s["test_accuracy"]))
+            wall.append(float(s["wall_seconds"]) / 60)
+            if isinstance(s.get("cost"), dict) and s["cost"].get("plain_runs"):
+                cost.append(float(s["cost"]["plain_runs"]))
+            a = auroc(run)
+            if a is not None:
+                au.append(a)
+        print(
+            f"| {row} | {len(done)}/{len(runs)} | {_fmt(early)} | {', '.join(epochs) or '–'} | {_fmt(final)} "
+            f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
