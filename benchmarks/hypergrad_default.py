@@ -26,21 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The digits example of docs/your-data.md; train.epochs is set by --epochs.
-DIGITS = [
-    "data.name=plugins.my_data:digits",
-    "data.n_train=500",
-    "data.n_val=300",
-    "data.n_test=297",
-    "student.name=plugins.my_data:SmallNet",
-    "teacher.model.name=plugins.my_data:SmallNet",
-    "teacher.model.kwargs.hidden=128",
-    "teacher.epochs=300",
-    "teacher.lr=0.01",
-    "train.lr=0.01",
-    "train.batch_size=100",
-    "wandb.mode=disabled",
-]
+# The digits example of docs/your-data.md (tests/plugins/my_data.py); train.epochs is set by --epochs.
+sys.path.insert(0, str(ROOT / "tests"))
+from plugins.my_data import DIGITS_EXAMPLE as DIGITS  # noqa: E402
 
 # name -> overrides on top of DIGITS; "default" is what `meta.method=hypergrad` gives with nothing else set
 H = ["meta.method=hypergrad"]

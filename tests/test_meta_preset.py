@@ -9,26 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from plugins.my_data import DIGITS_EXAMPLE
 
 from metakd.config import Config, ConfigError
 from metakd.runs.config import load_config, validate
 from metakd.runs.run import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
-DIGITS = [
-    "data.name=plugins.my_data:digits",
-    "data.n_train=500",
-    "data.n_val=300",
-    "data.n_test=297",
-    "student.name=plugins.my_data:SmallNet",
-    "teacher.model.name=plugins.my_data:SmallNet",
-    "teacher.model.kwargs.hidden=128",
-    "teacher.epochs=300",
-    "teacher.lr=0.01",
-    "train.lr=0.01",
-    "train.batch_size=100",
-    "wandb.mode=disabled",
-]
+DIGITS = DIGITS_EXAMPLE
 
 
 def _step(cfg: Config) -> tuple[object, ...]:

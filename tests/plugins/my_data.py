@@ -11,6 +11,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+#: the digits example of docs/your-data.md as overrides (tests/test_meta_preset.py, benchmarks/hypergrad_default.py)
+DIGITS_EXAMPLE = [
+    "data.name=plugins.my_data:digits",
+    "data.n_train=500",
+    "data.n_val=300",
+    "data.n_test=297",
+    "student.name=plugins.my_data:SmallNet",
+    "teacher.model.name=plugins.my_data:SmallNet",
+    "teacher.model.kwargs.hidden=128",
+    "teacher.epochs=300",
+    "teacher.lr=0.01",
+    "train.lr=0.01",
+    "train.batch_size=100",
+    "wandb.mode=disabled",
+]
+
 
 def digits(n_test: int = 297, val: bool = False) -> dict[str, Dataset]:
     """The 1,797 digits as 1 x 8 x 8 float images (pixel values 0..16): the first ``n_test`` the test set,
