@@ -80,9 +80,12 @@ class StepLoader:
             kw.update(
                 prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers
             )
+        # default_collate stacks a worker's batch straight into shared memory (torch.stack's values);
+        # a plain torch.stack there is copied into shared memory once more to cross the queue
         self.loader = torch.utils.data.DataLoader(
-            _Items(rows), batch_sampler=self.sampler, collate_fn=torch.stack, **kw
-        )
+            _Items(rows), batch_sampler=self.sampler, collate_fn=torch.utils.data.default_collate,
+            **kw,
+        )  # fmt: skip
         self._it: Iterator[Tensor] | None = None
         self._next = -1
 
