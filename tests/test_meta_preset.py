@@ -42,8 +42,10 @@ def test_user_data_gets_the_practice_preset_and_the_synthetic_task_the_paper() -
     # no hypergradient, no preset: the fixed-λ and search runs keep the plain loss weights
     for method in ("fixed", "baseline", "random"):
         assert _step(load_config(None, [*DIGITS, f"meta.method={method}"]))[0] == "paper"
-    # forecast's optimize windows take the same hypergradient
-    assert _step(load_config(None, [*DIGITS, "meta.method=forecast"])) == ONLINE
+    # forecast's optimize windows take the same hypergradient, in windows of 40 meta steps
+    fc = load_config(None, [*DIGITS, "meta.method=forecast"])
+    assert _step(fc) == ONLINE and fc.forecast.window == 400
+    assert load_config(None, DIGITS).forecast.window == 10  # hypergrad: unused, the default
 
 
 def test_a_meta_step_key_set_by_the_user_keeps_the_paper_defaults_for_the_others() -> None:
@@ -99,6 +101,17 @@ def _final_t(run_dir: Path) -> tuple[float, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ts = [r["meta"]["temperature"] for r in rows if r.get("meta")]
     return ts[0], ts[-1]
+
+
+def test_the_default_forecast_takes_hypergradient_steps(tmp_path: Path) -> None:
+    """With the paper's 10-step windows and a meta step every 10 steps an online block would end before
+    its first meta step: 0 hypergradient steps, λ never moved. The preset's windows hold 40."""
+    cfg = load_config(None, [*DIGITS, "meta.method=forecast", "train.epochs=160"])  # 800 steps
+    summary = train_run(cfg, tmp_path / "fc")
+    # one optimize window (steps 0-399: a meta step every 10, the first skipped: no carried tangent
+    # yet), then one predict window (400-799)
+    assert summary["hypergradient_steps"] == 40 - 1
+    assert summary["predicted_steps"] == 400
 
 
 def test_the_default_hypergradient_moves_t_up_where_the_one_step_drives_it_down(

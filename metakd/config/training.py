@@ -145,7 +145,9 @@ class HypergradConfig(Strict):
 #: the one-step horizon drives T to its floor (docs/reproduction.md, "CPU probe"; docs/hypergradients.md,
 #: "Which hypergradient by default"): the online forward mode with forgetting factor 0.999 for at most
 #: :data:`ONLINE_MAX_ENTRIES` metaparameter entries, else a 10-step reverse unroll; a meta step every 10
-#: steps; meta Adam lr 0.05; ``train.normalize_weights``. ``metakd.runs.config.apply_preset`` applies it.
+#: steps; meta Adam lr 0.05; ``train.normalize_weights``; under ``meta.method=forecast`` windows of 400
+#: (online) or 100 (reverse) steps, so each optimize window holds 40 or 10 meta steps (with the paper's 10
+#: an online block would end before its first meta step). ``metakd.runs.config.apply_preset`` applies it.
 PRESET_KEYS = (
     "meta.unroll",
     "meta.every",
@@ -154,6 +156,7 @@ PRESET_KEYS = (
     "meta.hypergrad.method",
     "meta.hypergrad.online_decay",
     "train.normalize_weights",
+    "forecast.window",
 )
 #: the online step costs 4.5–7 plain steps at H ≤ 3 entries and 18–157 beyond (docs/hypergradients.md): then reverse η = 10
 ONLINE_MAX_ENTRIES = 3

@@ -77,7 +77,7 @@ def preset_values(cfg: Config, preset: str, explicit: Collection[str] = ()) -> d
     :data:`metakd.config.training.PRESET_KEYS` (docs/hypergradients.md, "Which hypergradient by
     default"). ``practice`` uses the online forward mode for at most ``ONLINE_MAX_ENTRIES``
     metaparameter entries unless the method or the unroll is set explicitly, else a 10-step reverse
-    unroll."""
+    unroll; under ``meta.method=forecast`` windows of 400 (online) or 100 (reverse) steps."""
     if preset == "paper":
         default = Config()
         return {key: _get(default, key) for key in PRESET_KEYS}
@@ -100,6 +100,9 @@ def preset_values(cfg: Config, preset: str, explicit: Collection[str] = ()) -> d
         "meta.optimizer": "adam",
         "meta.lr": 0.05,
         "train.normalize_weights": True,
+        # forecast: optimize windows of 40 (online) or 10 (reverse) meta steps, as measured in
+        # docs/reproduction.md; unused by hypergrad, which keeps the default
+        "forecast.window": (400 if online else 100) if cfg.meta.method == "forecast" else 10,
     }
 
 
