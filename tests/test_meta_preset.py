@@ -112,6 +112,11 @@ def test_the_default_forecast_takes_hypergradient_steps(tmp_path: Path) -> None:
     # yet), then one predict window (400-799)
     assert summary["hypergradient_steps"] == 40 - 1
     assert summary["predicted_steps"] == 400
+    # set explicitly, the combination that cannot take a step is one config error
+    with pytest.raises(ConfigError, match=r"forecast\.window"):
+        load_config(
+            None, [*DIGITS, "meta.method=forecast", "meta.preset=practice", "forecast.window=10"]
+        )
 
 
 def test_the_default_hypergradient_moves_t_up_where_the_one_step_drives_it_down(

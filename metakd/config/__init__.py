@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from metakd.config.base import (
     OPTIMIZER_METAPARAMS,
@@ -114,3 +114,19 @@ class Config(Strict):
     meta: MetaConfig = Field(default_factory=MetaConfig)
     forecast: ForecastConfig = Field(default_factory=ForecastConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        m, f = self.meta, self.forecast
+        if (
+            m.method == "forecast"
+            and m.hypergrad.method == "online"
+            and f.window * f.optimize <= m.every
+        ):  # the one meta step of a block would fall on its first step, where no tangent is carried yet
+            raise ValueError(
+                f"meta.method=forecast with meta.hypergrad.method=online takes no hypergradient step: "
+                f"each optimize block ({f.window * f.optimize} steps) ends before its second meta step "
+                f"(meta.every={m.every}); make forecast.window several times meta.every (e.g. "
+                f"forecast.window={10 * m.every})"
+            )
+        return self

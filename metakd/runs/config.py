@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError, MetaConfig, config_to_dict
+from metakd.config import OPTIMIZER_METAPARAMS, Config, ConfigError, config_to_dict
 from metakd.config.training import ONLINE_MAX_ENTRIES, PRESET_KEYS
 from metakd.training import methods, objectives
 
@@ -120,8 +120,8 @@ def apply_preset(cfg: Config, explicit: Collection[str]) -> str:
         if key not in explicit and _get(cfg, key) != value:
             _set(cfg, key, value)
     cfg.meta.preset = chosen  # type: ignore[assignment]
-    # the filled keys are checked together (hypergrad.method=online needs backend=func, ...)
-    MetaConfig.model_validate(cfg.meta.model_dump())
+    # the filled keys are checked with the rest (hypergrad.method=online needs backend=func, ...)
+    Config.model_validate(config_to_dict(cfg))
     return chosen
 
 
@@ -157,6 +157,9 @@ def validate(data: Mapping[str, Any], source: str = "") -> Config:
         raise ConfigError("\n".join(lines)) from None
     try:
         return resolve(cfg)
+    except ValidationError as exc:  # the meta.preset's values with the rest (apply_preset)
+        lines = [_format_error(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(f"{line} (with meta.preset={cfg.meta.preset})" for line in lines)) from None
     except ValueError as exc:
         key = "meta.hypergrad.method" if "hypergradient method" in str(exc) else "objective"
         where = f" (in {source})" if source else ""
@@ -232,7 +235,9 @@ def _format_error(err: Mapping[str, Any], source: str) -> str:
         shown = "" if kind == "value_error" else f" (got a section with keys {sorted(value)})"
     else:
         shown = f" (got {value!r})"
-    return f"config key {key or '<root>'!r}{where}: {msg}{shown}"
+    if not key:  # a check across sections: its message names the keys
+        return f"config{where}: {msg}{shown}"
+    return f"config key {key!r}{where}: {msg}{shown}"
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -301,8 +306,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     cfg = validate(data, source)
     try:
         apply_preset(cfg, explicit)
-    except (ValueError, ValidationError) as exc:
-        raise ConfigError(f"config key 'meta.preset': {exc}") from None
+    except ValidationError as exc:
+        lines = [_format_error(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(f"{line} (with meta.preset={cfg.meta.preset})" for line in lines)) from None
     return cfg
 
 
