@@ -17,6 +17,9 @@
 #           per epoch, just before it is trained on), meta Adam 0.05, weights normalized per example
 #   mwn     meta-weight network (objective=per_sample_kd): η = 1, a meta step every step, meta Adam 1e-3
 #           (Meta-Weight-Net's setting)
+#   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
+#           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
+#           best clean-validation accuracy at any epoch (early-stopped, as every row)
 # Resumable: a run with a completed summary is kept, an interrupted one continues (--resume). Each run is
 # one process with one torch thread; JOBS run at a time (two on this 2-core machine).
 set -euo pipefail
@@ -48,11 +51,23 @@ meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     free) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
 meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free mwn)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free mwn grid)" >&2; return 2 ;;
   esac
 }
 
+grid() {  # the 9-trial grid search of SEED: two workers on one study (finished trials are kept)
+  local seed=$1 dir="$OUT/grid/seed-$1"
+  local args=(configs/cifar10.yaml $DATA "teacher.checkpoint=$OUT/teacher.pt" "train.epochs=$EPOCHS"
+              train.normalize_weights=true --seed "$seed" --device cpu --sampler grid --trials 9
+              --grid beta1_share=0.01,0.1,0.5 --grid temperature=1,4,8 --wandb disabled -q --out "$dir")
+  echo "grid seed $seed: $dir" >&2
+  OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 1 > /dev/null &
+  OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 0 > /dev/null
+  wait
+}
+
 one() {  # one run: ROW SEED
+  if [ "$1" = grid ]; then grid "$2"; return; fi
   local row=$1 seed=$2 dir="$OUT/$1/seed-$2"
   if [ -f "$dir/summary.json" ] && grep -q '"status": "completed"' "$dir/summary.json"; then
     echo "$row seed $seed: done" >&2; return 0
@@ -69,7 +84,7 @@ one() {  # one run: ROW SEED
       seed="$seed" train.epochs="$EPOCHS" device=cpu wandb.mode=disabled $args --out "$dir" -q > /dev/null
   fi
 }
-export -f one row_args
+export -f one row_args grid
 export OUT DATA EPOCHS METAKD
 
 for seed in $SEEDS; do for row in $ROWS; do echo "$row $seed"; done; done \

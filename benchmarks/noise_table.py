@@ -46,6 +46,25 @@ def auroc(run: Path) -> float | None:
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
 
 
+def best_trial(study: Path) -> tuple[float, float, float, int] | None:
+    """A searcher's row: (early-stopped test accuracy, its validation accuracy, the study's cost in plain
+    runs, finished trials) of the trial with the best clean-validation accuracy at any epoch."""
+    best: tuple[float, float] | None = None
+    cost, n = 0.0, 0
+    for trial in sorted((study / "trials").glob("trial-*")):
+        summary = trial / "summary.json"
+        if not summary.is_file() or json.loads(summary.read_text()).get("status") != "completed":
+            continue
+        s = json.loads(summary.read_text())
+        n += 1
+        cost += float((s.get("cost") or {}).get("plain_runs") or 1.0)
+        rows = _rows(trial)
+        top = max(rows, key=lambda r: r["val_accuracy"])
+        if best is None or top["val_accuracy"] > best[1]:
+            best = (float(top["test_accuracy"]), float(top["val_accuracy"]))
+    return None if best is None else (best[0], best[1], cost, n)
+
+
 def _fmt(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
@@ -60,7 +79,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rows", default="ce,kd,scalar,free,mwn")
+    parser.add_argument("--rows", default="ce,kd,grid,scalar,free,mwn")
     args = parser.parse_args()
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | final test acc "
@@ -69,6 +88,14 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
+        if row == "grid":  # a study per seed: its best trial
+            found = [b for b in (best_trial(r) for r in runs) if b is not None]
+            trials = "/".join(str(b[3]) for b in found)
+            print(
+                f"| grid (9 trials; best by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
+                f"| {_fmt([b[0] for b in found])} | – | – | {_fmt([b[2] for b in found], 2)} | – | – |"
+            )
+            continue
         done = []
         for run in runs:
             summary = run / "summary.json"

@@ -282,3 +282,55 @@ def test_a_journal_in_a_missing_directory_is_refused_talking_about_storage(tmp_p
     monkeypatch.setattr("metakd.runs.run.train_run", _fake_train([]))
     res = _search(tmp_path / "s2", "--storage", f"journal:{tmp_path}/s2/study.journal")
     assert res.exit_code == 0, res.output
+
+
+def _open_at_once(args) -> str:
+    """A worker process: wait at the barrier, then open the (new) study storage; 'ok' or the error."""
+    barrier, study_dir = args
+    barrier.wait()
+    try:
+        storage_for(None, Path(study_dir))
+    except Exception as exc:  # the test reports what failed
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_workers_opening_a_new_sqlite_study_at_once_all_get_it(tmp_path):
+    """Two `metakd search --worker` processes started together on a fresh OUT both create Optuna's
+    tables; the slower one used to stop with 'table study_directions already exists'."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):  # fresh studies: the race is on table creation
+        study_dir = tmp_path / f"study-{attempt}"
+        with ctx.Manager() as manager:
+            barrier = manager.Barrier(4)
+            with ctx.Pool(4) as pool:
+                results = pool.map(_open_at_once, [(barrier, str(study_dir))] * 4)
+        assert results == ["ok"] * 4, results
+
+
+def test_the_table_creation_race_is_retried_and_other_errors_are_not(tmp_path, monkeypatch):
+    real = optuna.storages.RDBStorage
+    calls: list[str] = []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:  # what the loser of the race gets from SQLite
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE", {}, Exception("table x already exists")
+            )
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert storage_for(None, tmp_path / "a") is not None and len(calls) == 2
+
+    def locked(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", locked)
+    calls.clear()
+    with pytest.raises(Exception, match="database is locked"):
+        storage_for(None, tmp_path / "b")
+    assert len(calls) == 1  # not retried

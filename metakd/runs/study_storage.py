@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,9 +95,35 @@ def storage_for(
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for the lock
     elif url.startswith(("postgresql", "mysql")):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}  # fail fast
-    with storage_errors(url, study_dir), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
+    # Workers opening a new study at once all find no tables and all create them and insert the schema
+    # version (Optuna does not guard this): the losers fail with "table ... already exists" or a UNIQUE
+    # constraint. A local SQLite file is opened under a file lock beside it (filelock: a well-kept
+    # cross-platform lock); a server database gets a retry, as its tables exist once the winner is done.
+    lock = _sqlite_lock(url)
+    for attempt in range(3):
+        try:
+            with lock, storage_errors(url, study_dir), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=30, grace_period=120, **kwargs
+                )
+        except StorageError as exc:
+            racing = "already exists" in str(exc) or "UNIQUE constraint" in str(exc)
+            if not racing or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _sqlite_lock(url: str) -> contextlib.AbstractContextManager[object]:
+    """A lock file beside a local SQLite database (``study.db.lock``); a no-op for other URLs and for
+    a database in a missing directory (the lock would create it)."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if not url.startswith("sqlite:///") or not path.parent.is_dir():  # SQLite says it cannot open it
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{path}.lock", timeout=120)
 
 
 def _journal_dir(journal: Path, study_dir: Path) -> None:
