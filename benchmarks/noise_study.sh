@@ -15,6 +15,8 @@
 #   free    per-sample β1ᵢ, β2ᵢ (free entries, N = 10,112 each) and a scalar T: reverse η = 10 over the
 #           batches about to be consumed, a meta step every 10 steps (so every example's entries move once
 #           per epoch, just before it is trained on), meta Adam 0.05, weights normalized per example
+#   freewarm  free, every entry starting at kd's λ (β1 0.01, β2 0.99, T 6.5) instead of a random draw
+#           around 0.5: per-example corrections of vanilla KD
 #   mwn     meta-weight network (objective=per_sample_kd): η = 1, a meta step every step, meta Adam 1e-3
 #           (Meta-Weight-Net's setting)
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
@@ -50,8 +52,11 @@ row_args() {
 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     free) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
 meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
+    freewarm) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
+meta.params.beta1.init=0.01 meta.params.beta2.init=0.99 meta.params.temperature.init=6.5 \
+meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free mwn grid)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn grid)" >&2; return 2 ;;
   esac
 }
 
