@@ -19,6 +19,8 @@
 #           around 0.5: per-example corrections of vanilla KD
 #   mwn     meta-weight network (objective=per_sample_kd): η = 1, a meta step every step, meta Adam 1e-3
 #           (Meta-Weight-Net's setting)
+#   mwn10   the network with a 10-step reverse horizon (exact: detach=false), a meta step every 10
+#           steps, meta Adam 0.01: against the one-step horizon's collapse of T
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
 #           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
 #           best clean-validation accuracy at any epoch (early-stopped, as every row)
@@ -30,6 +32,7 @@ RATE=${2:-0.4}
 KIND=${3:-symmetric}
 SEEDS=${4:-0}
 ROWS=${ROWS:-"ce kd scalar free mwn"}
+THREADS=${THREADS:-1}  # torch threads per run (2: one run alone on the 2 cores)
 JOBS=${JOBS:-2}
 EPOCHS=${EPOCHS:-100}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-20}
@@ -55,8 +58,10 @@ meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     freewarm) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
 meta.params.beta1.init=0.01 meta.params.beta2.init=0.99 meta.params.temperature.init=6.5 \
 meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
+    mwn10) echo "meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
+meta.every=10 meta.lr=0.01" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn grid)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 grid)" >&2; return 2 ;;
   esac
 }
 
@@ -85,12 +90,12 @@ one() {  # one run: ROW SEED
   else
     echo "$row seed $seed: $dir" >&2
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=1 $METAKD train configs/cifar10.yaml $DATA teacher.checkpoint="$OUT/teacher.pt" \
+    OMP_NUM_THREADS=${THREADS:-1} $METAKD train configs/cifar10.yaml $DATA teacher.checkpoint="$OUT/teacher.pt" \
       seed="$seed" train.epochs="$EPOCHS" device=cpu wandb.mode=disabled $args --out "$dir" -q > /dev/null
   fi
 }
 export -f one row_args grid
-export OUT DATA EPOCHS METAKD
+export OUT DATA EPOCHS METAKD THREADS
 
 for seed in $SEEDS; do for row in $ROWS; do echo "$row $seed"; done; done \
   | xargs -P "$JOBS" -L 1 bash -c 'one "$0" "$1"'

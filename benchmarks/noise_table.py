@@ -79,7 +79,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rows", default="ce,kd,grid,scalar,free,freewarm,mwn")
+    parser.add_argument("--rows", default="ce,kd,grid,scalar,free,freewarm,mwn,mwn10")
     args = parser.parse_args()
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | final test acc "
