@@ -38,21 +38,9 @@ def resolve(cfg: Config) -> Config:
         specs = objectives.build(cfg).specs()
         if specs != cfg.meta.params:
             cfg.meta.params = specs
-    apply_preset(cfg, explicit_keys(cfg))
+    apply_preset(cfg, _flat_keys(cfg.model_dump(exclude_unset=True)))  # the keys set explicitly
     methods.check_name(cfg.meta.hypergrad.method)
     return cfg
-
-
-def explicit_keys(model: BaseModel, prefix: str = "") -> set[str]:
-    """Dotted keys of the fields set explicitly in ``model`` and its sections (pydantic's
-    ``model_fields_set``, recursively)."""
-    keys: set[str] = set()
-    for name in model.model_fields_set:
-        keys.add(prefix + name)
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            keys |= explicit_keys(value, f"{prefix}{name}.")
-    return keys
 
 
 # The meta step's own keys: setting any of them means "I configure the meta step" (meta.preset=auto → paper).
@@ -158,8 +146,7 @@ def validate(data: Mapping[str, Any], source: str = "") -> Config:
     try:
         return resolve(cfg)
     except ValidationError as exc:  # the meta.preset's values with the rest (apply_preset)
-        lines = [_format_error(e, source) for e in exc.errors()]
-        raise ConfigError("\n".join(f"{line} (with meta.preset={cfg.meta.preset})" for line in lines)) from None
+        raise _preset_error(exc, cfg, source) from None
     except ValueError as exc:
         key = "meta.hypergrad.method" if "hypergradient method" in str(exc) else "objective"
         where = f" (in {source})" if source else ""
@@ -307,9 +294,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     try:
         apply_preset(cfg, explicit)
     except ValidationError as exc:
-        lines = [_format_error(e, source) for e in exc.errors()]
-        raise ConfigError("\n".join(f"{line} (with meta.preset={cfg.meta.preset})" for line in lines)) from None
+        raise _preset_error(exc, cfg, source) from None
     return cfg
+
+
+def _preset_error(exc: ValidationError, cfg: Config, source: str) -> ConfigError:
+    """The config the preset filled failed a check: one line per error, naming the preset."""
+    lines = [_format_error(e, source) for e in exc.errors()]
+    return ConfigError("\n".join(f"{line} (with meta.preset={cfg.meta.preset})" for line in lines))
 
 
 _OBJECTIVE_KEYS = ("objective", "objective_kwargs")
