@@ -29,11 +29,12 @@ def _rows(run: Path) -> list[dict]:
     ]
 
 
-def early_stopped(run: Path) -> tuple[float, int]:
-    """(test accuracy, epoch) at the first evaluation with the best validation accuracy."""
+def early_stopped(run: Path) -> tuple[float, int, float]:
+    """(test accuracy, epoch, validation accuracy) at the first evaluation with the best validation
+    accuracy."""
     rows = _rows(run)
     best = max(rows, key=lambda r: r["val_accuracy"])  # max keeps the first of equal values
-    return float(best["test_accuracy"]), int(best["epoch"])
+    return float(best["test_accuracy"]), int(best["epoch"]), float(best["val_accuracy"])
 
 
 def auroc(run: Path) -> float | None:
@@ -46,9 +47,10 @@ def auroc(run: Path) -> float | None:
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
 
 
-def best_trial(study: Path) -> tuple[float, float, float, int] | None:
+def best_trial(study: Path, trials: bool = False) -> tuple[float, float, float, int] | None:
     """A searcher's row: (early-stopped test accuracy, its validation accuracy, the study's cost in plain
-    runs, finished trials) of the trial with the best clean-validation accuracy at any epoch."""
+    runs, finished trials) of the trial with the best clean-validation accuracy at any epoch; ``trials``
+    prints each trial's line first."""
     best: tuple[float, float] | None = None
     cost, n = 0.0, 0
     for trial in sorted((study / "trials").glob("trial-*")):
@@ -58,10 +60,12 @@ def best_trial(study: Path) -> tuple[float, float, float, int] | None:
         s = json.loads(summary.read_text())
         n += 1
         cost += float((s.get("cost") or {}).get("plain_runs") or 1.0)
-        rows = _rows(trial)
-        top = max(rows, key=lambda r: r["val_accuracy"])
-        if best is None or top["val_accuracy"] > best[1]:
-            best = (float(top["test_accuracy"]), float(top["val_accuracy"]))
+        test, epoch, val = early_stopped(trial)
+        if trials:
+            lam = ", ".join(f"{k} {v:.3g}" for k, v in (s.get("meta") or {}).items())
+            print(f"|   {trial.name}: {lam} | val {val:.4f} → test {test:.4f} (epoch {epoch}) |")
+        if best is None or val > best[1]:
+            best = (test, val)
     return None if best is None else (best[0], best[1], cost, n)
 
 
@@ -79,21 +83,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out", type=Path)
+    parser.add_argument("--trials", action="store_true", help="also each grid trial's line")
     parser.add_argument("--rows", default="ce,kd,grid,scalar,free,freewarm,mwn,mwn10")
     args = parser.parse_args()
     print(
-        "| row | seeds (done/started) | early-stopped test acc | (epoch) | final test acc "
+        "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
         if row == "grid":  # a study per seed: its best trial
-            found = [b for b in (best_trial(r) for r in runs) if b is not None]
+            found = [b for b in (best_trial(r, args.trials) for r in runs) if b is not None]
             trials = "/".join(str(b[3]) for b in found)
             print(
                 f"| grid (9 trials; best by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
-                f"| {_fmt([b[0] for b in found])} | – | – | {_fmt([b[2] for b in found], 2)} | – | – |"
+                f"| {_fmt([b[0] for b in found])} | – | {_fmt([b[1] for b in found])} | – "
+                f"| {_fmt([b[2] for b in found], 2)} | – | – |"
             )
             continue
         done = []
@@ -103,11 +109,12 @@ def main() -> None:
                 done.append(run)
         if not runs:
             continue
-        early, epochs, final, cost, au, wall = [], [], [], [], [], []
+        early, epochs, vals, final, cost, au, wall = [], [], [], [], [], [], []
         for run in done:
             s = json.loads((run / "summary.json").read_text())
-            acc, epoch = early_stopped(run)
+            acc, epoch, val = early_stopped(run)
             early.append(acc)
+            vals.append(val)
             epochs.append(str(epoch))
             final.append(float(s["test_accuracy"]))
             wall.append(float(s["wall_seconds"]) / 60)
@@ -117,7 +124,8 @@ def main() -> None:
             if a is not None:
                 au.append(a)
         print(
-            f"| {row} | {len(done)}/{len(runs)} | {_fmt(early)} | {', '.join(epochs) or '–'} | {_fmt(final)} "
+            f"| {row} | {len(done)}/{len(runs)} | {_fmt(early)} | {', '.join(epochs) or '–'} | {_fmt(vals)} "
+            f"| {_fmt(final)} "
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} |"
         )
 
