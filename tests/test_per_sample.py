@@ -172,6 +172,29 @@ def test_only_the_unrolled_batchs_entries_get_a_hypergradient(cache):
     assert np.abs(hg - fd).max() / np.abs(fd).max() < 1e-4
 
 
+def test_fixed_per_sample_values_take_one_number_per_training_example(cache):
+    """meta.values of a per-sample metaparameter: N numbers set entry i of example i (the noise study's
+    oracle, benchmarks/noise_oracle.py); another count is one config error naming N."""
+    from metakd.config import ConfigError
+    from metakd.runs.build import build
+
+    base = [*GRAD, f"data.cache_dir={cache}", *FREE, "meta.method=fixed", "meta.values.beta2=0.5",
+            "meta.values.temperature=2"]  # fmt: skip
+    values = [0.1 + 0.8 * i / 14 for i in range(15)]  # N = 15 (data.n_train)
+    cfg = load_config(None, [*base, f"meta.values.beta1={values}"])
+    splits, logits, model = build(cfg, torch.device("cpu"))
+    meta = Trainer(cfg, model, splits, logits).meta
+    assert meta is not None
+    torch.testing.assert_close(
+        meta.constrained()["beta1"].double(), torch.tensor(values, dtype=torch.float64)
+    )
+    bad = load_config(None, [*base, f"meta.values.beta1={values[:4]}"])
+    with pytest.raises(
+        ConfigError, match=r"meta\.values\.beta1 has 4 entries.*needs one number or 15"
+    ):
+        Trainer(bad, model, splits, logits)
+
+
 # ------------------------------------------------------------------ runs: per_sample.pt
 
 

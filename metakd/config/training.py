@@ -175,7 +175,8 @@ class MetaConfig(Strict):
     params: dict[str, MetaParamSpec] = Field(default_factory=default_meta_params)
     values: dict[str, float | list[float]] = Field(
         default_factory=dict,
-        description="method=fixed: constrained value per metaparameter (a list for shape [K])",
+        description="method=fixed: constrained value per metaparameter (a list for shape [K]; for a "
+        "per_sample one, one number or N, one per training example in the train split's order)",
     )
     unroll: int = Field(default=1, ge=1, description="η: inner steps unrolled per hypergradient")
     every: int = Field(default=1, ge=1, description="a meta step every N training steps")
@@ -211,6 +212,8 @@ class MetaConfig(Strict):
             )
         for name, value in self.values.items():
             shape = self.params[name].shape
+            if self.params[name].per_sample:
+                continue  # N entries, checked against the train split (training.meta_setup.init_meta)
             if isinstance(value, list) and (len(shape) != 1 or len(value) != shape[0]):
                 want = f"shape {shape}" if shape else "a scalar: give one number"
                 raise ValueError(

@@ -62,6 +62,13 @@ def init_meta(
                 f"meta.method=fixed needs a value for {unset}: set meta.values.{unset[0]}=... "
                 f"or meta.params.{unset[0]}.init"
             )
+        n = len(splits.train)
+        for k, v in values.items():
+            if specs[k].per_sample and isinstance(v, list) and len(v) != n:
+                raise ConfigError(
+                    f"meta.values.{k} has {len(v)} entries; the per-sample metaparameter needs one "
+                    f"number or {n}, one per training example"
+                )
         if values:
             meta.set_values(values)
     return meta
