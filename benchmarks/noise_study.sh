@@ -24,6 +24,8 @@
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
 #           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
 #           best clean-validation accuracy at any epoch (early-stopped, as every row)
+#   tpe     the other searcher: TPE, 8 trials in the share space (β1/(β1+β2) log-uniform on [0.01, 0.99],
+#           T uniform on meta.params' (0.1, 10)), Optuna's median pruner, one worker (sequential)
 # Resumable: a run with a completed summary is kept, an interrupted one continues (--resume). Each run is
 # one process with one torch thread; JOBS run at a time (two on this 2-core machine).
 set -euo pipefail
@@ -32,7 +34,7 @@ RATE=${2:-0.4}
 KIND=${3:-symmetric}
 SEEDS=${4:-0}
 ROWS=${ROWS:-"ce kd scalar free mwn"}
-THREADS=${THREADS:-1}  # torch threads per run (2: one run alone on the 2 cores)
+THREADS=${THREADS:-1}  # torch threads per run (2: one run alone on the 2 cores); TEACHER_THREADS (2) the teacher's
 JOBS=${JOBS:-2}
 EPOCHS=${EPOCHS:-100}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-20}
@@ -41,9 +43,9 @@ DATA="data.n_val=1000 data.label_noise.rate=$RATE data.label_noise.kind=$KIND"
 mkdir -p "$OUT"
 
 if [ ! -f "$OUT/teacher.pt" ]; then
-  echo "teacher: $TEACHER_EPOCHS epochs on the noisy labels -> $OUT/teacher.pt" >&2
+  echo "teacher: $TEACHER_EPOCHS epochs on the training labels ($KIND noise, rate $RATE) -> $OUT/teacher.pt" >&2
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 $METAKD teacher configs/teacher_tiny.yaml $DATA teacher.epochs="$TEACHER_EPOCHS" \
+  OMP_NUM_THREADS=${TEACHER_THREADS:-2} $METAKD teacher configs/teacher_tiny.yaml $DATA teacher.epochs="$TEACHER_EPOCHS" \
     --out "$OUT/teacher.pt" --device cpu
 fi
 
@@ -61,23 +63,28 @@ meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     mwn10) echo "meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
 meta.every=10 meta.lr=0.01" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 grid)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 grid tpe)" >&2; return 2 ;;
   esac
 }
 
-grid() {  # the 9-trial grid search of SEED: two workers on one study (finished trials are kept)
-  local seed=$1 dir="$OUT/grid/seed-$1"
+search() {  # SAMPLER SEED: the searcher's study of SEED (finished trials are kept)
+  local sampler=$1 seed=$2 dir="$OUT/$1/seed-$2"
   local args=(configs/cifar10.yaml $DATA "teacher.checkpoint=$OUT/teacher.pt" "train.epochs=$EPOCHS"
-              train.normalize_weights=true --seed "$seed" --device cpu --sampler grid --trials 9
-              --grid beta1_share=0.01,0.1,0.5 --grid temperature=1,4,8 --wandb disabled -q --out "$dir")
-  echo "grid seed $seed: $dir" >&2
-  OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 1 > /dev/null &
-  OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 0 > /dev/null
-  wait
+              train.normalize_weights=true --seed "$seed" --device cpu --wandb disabled -q --out "$dir")
+  echo "$sampler seed $seed: $dir" >&2
+  if [ "$sampler" = grid ]; then  # 9 points, two workers on one study
+    args+=(--sampler grid --trials 9 --grid beta1_share=0.01,0.1,0.5 --grid temperature=1,4,8)
+    OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 1 > /dev/null &
+    OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --worker 0 > /dev/null
+    wait
+  else  # TPE: sequential (each trial sees the ones before), the median pruner, as docs/reproduction.md's
+    OMP_NUM_THREADS=1 $METAKD search "${args[@]}" --sampler tpe --trials 8 --pruner median \
+      --sampler-seed "$seed" > /dev/null
+  fi
 }
 
 one() {  # one run: ROW SEED
-  if [ "$1" = grid ]; then grid "$2"; return; fi
+  if [ "$1" = grid ] || [ "$1" = tpe ]; then search "$1" "$2"; return; fi
   local row=$1 seed=$2 dir="$OUT/$1/seed-$2"
   if [ -f "$dir/summary.json" ] && grep -q '"status": "completed"' "$dir/summary.json"; then
     echo "$row seed $seed: done" >&2; return 0
@@ -94,7 +101,7 @@ one() {  # one run: ROW SEED
       seed="$seed" train.epochs="$EPOCHS" device=cpu wandb.mode=disabled $args --out "$dir" -q > /dev/null
   fi
 }
-export -f one row_args grid
+export -f one row_args search
 export OUT DATA EPOCHS METAKD THREADS
 
 for seed in $SEEDS; do for row in $ROWS; do echo "$row $seed"; done; done \

@@ -1,13 +1,16 @@
 """The table of issue 32's study from the run directories of benchmarks/noise_study.sh.
 
-    python benchmarks/noise_table.py OUT [--rows ce,kd,scalar,free,mwn]
+    python benchmarks/noise_table.py OUT [--rows ce,kd,grid,tpe,scalar,free,mwn] [--figure acc.png]
 
 One row per study row (``OUT/<row>/seed-<s>/``): seeds finished, the final test accuracy and the
 **early-stopped** one (the test accuracy at the epoch of the best accuracy on the clean validation set,
 which every row — cross-entropy included — is judged by), the compute in plain runs (the run's ledger
 entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of the same config), and for
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
-label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used.
+label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used. A searcher's
+row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation accuracy,
+and its cost is the whole study's. ``--figure`` draws early-stopped test accuracy against compute: each
+seed a faint dot, each row's mean ± standard deviation a marker with error bars.
 """
 
 from __future__ import annotations
@@ -84,20 +87,27 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path)
     parser.add_argument("--trials", action="store_true", help="also each grid trial's line")
-    parser.add_argument("--rows", default="ce,kd,grid,scalar,free,freewarm,mwn,mwn10")
+    parser.add_argument("--rows", default="ce,kd,grid,tpe,scalar,free,freewarm,mwn,mwn10")
+    parser.add_argument(
+        "--figure", type=Path, help="write the accuracy-against-compute figure here"
+    )
     args = parser.parse_args()
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels |"
     )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    points: dict[
+        str, list[tuple[float, float]]
+    ] = {}  # row -> [(cost, early-stopped test acc)] per seed
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
-        if row == "grid":  # a study per seed: its best trial
+        if runs and (runs[0] / "trials").is_dir():  # a searcher: a study per seed, its best trial
             found = [b for b in (best_trial(r, args.trials) for r in runs) if b is not None]
+            points[row] = [(b[2], b[0]) for b in found]
             trials = "/".join(str(b[3]) for b in found)
             print(
-                f"| grid (9 trials; best by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
+                f"| {row} (best trial by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
                 f"| {_fmt([b[0] for b in found])} | – | {_fmt([b[1] for b in found])} | – "
                 f"| {_fmt([b[2] for b in found], 2)} | – | – |"
             )
@@ -118,8 +128,10 @@ def main() -> None:
             epochs.append(str(epoch))
             final.append(float(s["test_accuracy"]))
             wall.append(float(s["wall_seconds"]) / 60)
-            if isinstance(s.get("cost"), dict) and s["cost"].get("plain_runs"):
-                cost.append(float(s["cost"]["plain_runs"]))
+            c = (s.get("cost") or {}).get("plain_runs") if isinstance(s.get("cost"), dict) else None
+            if c:
+                cost.append(float(c))
+            points.setdefault(row, []).append((float(c or 1.0), acc))
             a = auroc(run)
             if a is not None:
                 au.append(a)
@@ -128,6 +140,51 @@ def main() -> None:
             f"| {_fmt(final)} "
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} |"
         )
+    if args.figure is not None:
+        searchers = [r for r in points if (args.out / r / "seed-0" / "trials").is_dir()]
+        figure(points, args.figure, args.out.name, searchers)
+
+
+def figure(
+    points: dict[str, list[tuple[float, float]]], path: Path, title: str, searchers: list[str]
+) -> None:
+    """Early-stopped test accuracy against compute in plain runs, per row: seeds as dots, mean ± std; with
+    a searcher, issue 32's target region (≥ its mean + 3 points at ≤ half its mean compute) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (row, pts) in enumerate(p for p in points.items() if p[1]):
+        color = f"C{i % 10}"
+        xs, ys = [c for c, _ in pts], [a for _, a in pts]
+        ax.scatter(xs, ys, s=12, alpha=0.35, color=color)
+        sd_x = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        sd_y = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        ax.errorbar(statistics.mean(xs), statistics.mean(ys), xerr=sd_x, yerr=sd_y, fmt="o", color=color,
+                    capsize=3, label=f"{row} (n={len(pts)})")  # fmt: skip
+    best = max(
+        (r for r in searchers if points.get(r)), default=None,
+        key=lambda r: statistics.mean(a for _, a in points[r]),
+    )  # fmt: skip
+    if best is not None:
+        acc = statistics.mean(a for _, a in points[best]) + 0.03
+        half = statistics.mean(c for c, _ in points[best]) / 2
+        ax.axhline(acc, color="0.5", ls="--", lw=0.8)
+        ax.axvline(half, color="0.5", ls=":", lw=0.8)
+        ax.fill_between([0.5, half], acc, acc + 0.05, color="0.85", zorder=0,
+                        label=f"target: {best} + 3 points at ≤ half its compute")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, None)
+    ax.set_xlabel("compute (plain runs, log scale)")
+    ax.set_ylabel("test accuracy, early-stopped on clean val")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
