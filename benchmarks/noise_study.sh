@@ -4,7 +4,7 @@
 # the early-stopping set of every row) and a cifar_tiny teacher trained on the same noisy labels.
 #
 #   bash benchmarks/noise_study.sh OUT [RATE] [KIND] [SEEDS]
-#   ROWS="ce kd scalar free mwn" JOBS=2 EPOCHS=100 TEACHER_EPOCHS=20 bash benchmarks/noise_study.sh ...
+#   ROWS="ce kd grid tpe scalar free mwn" JOBS=2 EPOCHS=100 TEACHER_EPOCHS=20 bash benchmarks/noise_study.sh ...
 #   python benchmarks/noise_table.py OUT        # the table: early-stopped test accuracy, cost, AUROC
 #
 # Rows (every meta key set here, so meta.preset does not apply):
@@ -33,7 +33,7 @@ OUT=${1:?usage: noise_study.sh OUT [RATE] [KIND] [SEEDS]}
 RATE=${2:-0.4}
 KIND=${3:-symmetric}
 SEEDS=${4:-0}
-ROWS=${ROWS:-"ce kd scalar free mwn"}
+ROWS=${ROWS:-"ce kd grid tpe scalar free mwn"}
 THREADS=${THREADS:-1}  # torch threads per run (2: one run alone on the 2 cores); TEACHER_THREADS (2) the teacher's
 JOBS=${JOBS:-2}
 EPOCHS=${EPOCHS:-100}
