@@ -65,18 +65,21 @@ if [[ $STEP == all || $STEP == table ]]; then
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("| row | final test acc | best val acc | wall min | λ |")
-print("|---|---:|---:|---:|---|")
+print("| row | final test acc | best val acc (epoch) | test acc at that epoch | wall min | λ |")
+print("|---|---:|---:|---:|---:|---|")
 runs = [("baseline", out / "baseline"), ("fixed λ", out / "fixed")]
 runs += [("metakd-t4 finder", p) for p in sorted((out / "metakd-t4" / "finder").glob("seed-*"))]
 runs += [("metakd-t4 retrain", p) for p in sorted((out / "metakd-t4" / "retrain").glob("seed-*"))]
 for name, run in runs:
     f = run / "summary.json"
     if not f.is_file():
-        print(f"| {name} | (not run) | | | |")
+        print(f"| {name} | (not run) | | | | |")
         continue
     s = json.loads(f.read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in rows if r.get("val_accuracy") is not None), key=lambda r: r["val_accuracy"])
     lam = ", ".join(f"{k} {v:.3g}" for k, v in (s.get("meta") or {}).items())
-    print(f"| {name} | {s['test_accuracy']:.4f} | {s['best_val_accuracy']:.4f} | {s['wall_seconds'] / 60:.1f} | {lam} |")
+    print(f"| {name} | {s['test_accuracy']:.4f} | {best['val_accuracy']:.4f} ({best['epoch']}) "
+          f"| {best['test_accuracy']:.4f} | {s['wall_seconds'] / 60:.1f} | {lam} |")
 EOF
 fi

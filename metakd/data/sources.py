@@ -8,10 +8,10 @@ built-ins are :class:`Synthetic` (the paper's task, :mod:`metakd.data.synthetic`
 both :class:`DatasetSource`\\ s. :func:`metakd.data.registry.source_for` picks one from the config.
 
 A :class:`DatasetSource` is two steps: :meth:`DatasetSource.datasets` gives its torch ``Dataset``\\ s
-(:class:`Parts`, items ``(x, y)``) — what a streaming path will iterate — and :meth:`DatasetSource.splits`
-materialises them, for now, into the in-memory tensors of :class:`~metakd.data.splits.Splits`
-(:mod:`metakd.data.materialise`: decoded once through a DataLoader, the eval transform applied, cached by a
-fingerprint of the data).
+(:class:`Parts`, items ``(x, y)``) and :meth:`DatasetSource.splits` makes the :class:`~metakd.data.splits.Splits`
+of them: in memory (:mod:`metakd.data.materialise`: decoded once through a DataLoader, the eval transform
+applied, cached by a fingerprint of the data) or, under ``data.in_memory`` (auto against the memory budget,
+or false), streamed (:mod:`metakd.data.streaming`: lazy rows the train batches' DataLoader reads).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ A transform is given as
 * an import path ``package.module:make_transform`` of a function annotated ``-> nn.Module`` (or a module
   class), called without arguments; what it returns is applied as it is.
 
-How they run on the in-memory data (until a streaming path exists): the **eval** transform maps every example
-once as it is decoded (so it may resize images of any size to one); its output is what every split stores.
-When it normalises (a ``Normalize`` step), ``data.normalize``'s per-channel statistics are not applied on
+How they run (in memory and on the streaming path alike; streamed, the workers apply the eval transform as
+they decode each item): the **eval** transform maps every example once as it is decoded (so it may resize
+images of any size to one); its output is what every split stores. When it normalises (a ``Normalize`` step), ``data.normalize``'s per-channel statistics are not applied on
 top. The **train** transform runs on each train batch (the student's and the teacher's), example by example,
 on the stored tensors — which are already float and normalised, so its conversion and normalisation steps
 (``ToImage``, ``ToDtype``, ``ToTensor``, ``PILToTensor``, ``Normalize``) are left out (:func:`batch_steps`);
