@@ -128,10 +128,11 @@ def _rel(entry: dict) -> float:
         [*NET, "meta.hypergrad.method=forward", "train.optimizer=sgd", "meta.unroll=3"],
         [*NET, "meta.hypergrad.method=online", "meta.unroll=3"],
         [*NET, "objective_kwargs.per_sample_temperature=true", "meta.unroll=2"],
+        [*NET, "train.normalize_weights=true", "train.hinton_scaling=true", "meta.unroll=2"],
         ["objective=per_sample_kd", *SGD1],  # detached loss signal (the published choice): exact at η = 1
     ],
     ids=["free-reverse-adam", "free-forward", "free-online", "net-reverse-adam", "net-forward-sgd",
-         "net-online", "net-temperature", "net-detached-eta1"],
+         "net-online", "net-temperature", "net-normalized", "net-detached-eta1"],
 )  # fmt: skip
 def test_per_sample_hypergradients_match_float64_finite_differences(cache, overrides):
     result = _check(cache, *overrides)
@@ -170,6 +171,39 @@ def test_only_the_unrolled_batchs_entries_get_a_hypergradient(cache):
     assert np.all(hg[~inside] == 0) and np.all(fd[~inside] == 0)
     assert np.all(hg[inside] != 0)
     assert np.abs(hg - fd).max() / np.abs(fd).max() < 1e-4
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_network_objective_reads_train_normalize_weights_and_hinton_scaling(normalize):
+    """train.normalize_weights / train.hinton_scaling reach objective=per_sample_kd as they reach
+    distillation: each example's terms over β1ᵢ + β2ᵢ, its KD term times T² (against the formula)."""
+    from metakd.training import objectives
+
+    cfg = load_config(None, ["objective=per_sample_kd", f"train.normalize_weights={normalize}",
+                             "train.hinton_scaling=true"])  # fmt: skip
+    obj = objectives.build(cfg)
+    assert (obj.normalize_weights, obj.hinton_scaling) == (normalize, True)
+    g = torch.Generator().manual_seed(0)
+    s, t = (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+    )
+    y = torch.randint(0, 4, (6,), generator=g)
+    lam = {
+        k: torch.randn(v.shape or [], generator=g, dtype=torch.float64)
+        for k, v in obj.specs().items()
+    }
+    lam["temperature"] = torch.tensor(2.5, dtype=torch.float64)
+    w = obj.weights(s, y, t, lam)
+    hard = torch.nn.functional.cross_entropy(s, y, reduction="none")
+    soft = -(torch.softmax(t / 2.5, -1) * torch.log_softmax(s / 2.5, -1)).sum(-1) * 2.5**2
+    per = w["beta1"] * hard + w["beta2"] * soft
+    want = (per / (w["beta1"] + w["beta2"]) if normalize else per).mean()
+    torch.testing.assert_close(obj.loss(s, y, t, lam), want)
+    # an explicit objective_kwargs value still wins over the train key
+    explicit = load_config(None, ["objective=per_sample_kd", "train.normalize_weights=true",
+                                  "objective_kwargs.normalize_weights=false"])  # fmt: skip
+    assert objectives.build(explicit).normalize_weights is False
 
 
 def test_fixed_per_sample_values_take_one_number_per_training_example(cache):

@@ -69,6 +69,8 @@ class Objective:
     neutral: ClassVar[dict[str, float]] = {}
     #: whether ``loss`` reads the teacher's logits
     needs_teacher: ClassVar[bool] = True
+    #: ``train.*`` keys that default the constructor's keyword arguments of the same name (:func:`build`)
+    train_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def specs(self) -> dict[str, MetaParamSpec]:
         """The metaparameters ``loss`` reads (the default of ``meta.params``)."""
@@ -113,24 +115,31 @@ def _is_objective_class(cls: type) -> bool:
     return all(callable(getattr(cls, n, None)) for n in ("specs", "loss"))
 
 
-def get(spec: str, **kwargs: Any) -> Objective:
-    """Build the objective registered as ``spec`` or at import path ``package.module:Name``."""
+def _factory(spec: str) -> Callable[..., Any]:
+    """The class (or factory) registered as ``spec`` or at import path ``package.module:Name``."""
     if spec in _REGISTRY:
-        factory = _REGISTRY[spec][0]
-    elif ":" in spec:
+        return _REGISTRY[spec][0]
+    if ":" in spec:
         from metakd import plugins
 
-        factory = plugins.load_object(
+        return plugins.load_object(
             spec, kind="objective", check=plugins.class_or_factory(_is_objective_class),
             expected="an objective class with specs() and loss() (subclass metakd.training.objectives.Objective)",
         )  # fmt: skip
-    else:
-        close = difflib.get_close_matches(spec, list(_REGISTRY), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(
-            f"unknown objective {spec!r}; {hint}choose one of {list(available())} "
-            "or a 'package.module:ClassName' import path"
-        )
+    close = difflib.get_close_matches(spec, list(_REGISTRY), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"unknown objective {spec!r}; {hint}choose one of {list(available())} "
+        "or a 'package.module:ClassName' import path"
+    )
+
+
+def get(spec: str, **kwargs: Any) -> Objective:
+    """Build the objective registered as ``spec`` or at import path ``package.module:Name``."""
+    return _make(spec, _factory(spec), kwargs)
+
+
+def _make(spec: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Objective:
     try:
         obj = factory(**kwargs)
     except TypeError as exc:
@@ -139,13 +148,14 @@ def get(spec: str, **kwargs: Any) -> Objective:
 
 
 def build(cfg: Config) -> Objective:
-    """The objective of ``cfg`` (``objective``, ``objective_kwargs``). For ``distillation``,
-    ``train.hinton_scaling`` / ``train.normalize_weights`` are the defaults of its kwargs."""
+    """The objective of ``cfg`` (``objective``, ``objective_kwargs``). The ``train.*`` keys an objective
+    class names in ``train_kwargs`` (``distillation``, ``per_sample_kd``: ``train.hinton_scaling``,
+    ``train.normalize_weights``) are the defaults of its kwargs of the same name."""
+    factory = _factory(cfg.objective)
     kwargs = dict(cfg.objective_kwargs)
-    if cfg.objective == "distillation":
-        kwargs.setdefault("hinton_scaling", cfg.train.hinton_scaling)
-        kwargs.setdefault("normalize_weights", cfg.train.normalize_weights)
-    return get(cfg.objective, **kwargs)
+    for key in getattr(factory, "train_kwargs", ()):
+        kwargs.setdefault(key, getattr(cfg.train, key))
+    return _make(cfg.objective, factory, kwargs)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -159,6 +169,7 @@ class Distillation(Objective):
     """
 
     neutral: ClassVar[dict[str, float]] = {"beta1": 1.0, "beta2": 0.0, "temperature": 1.0}
+    train_kwargs: ClassVar[tuple[str, ...]] = ("hinton_scaling", "normalize_weights")
 
     def __init__(self, *, hinton_scaling: bool = False, normalize_weights: bool = False) -> None:
         self.hinton_scaling = hinton_scaling

@@ -8,7 +8,9 @@ A Meta-Weight-Net (Shu et al., NeurIPS 2019) style MLP maps three signals of exa
 
 to zᵢ = W2ᵀ φ(W1ᵀ [ℓᵢ, cᵢ, aᵢ] + b1) + b2 and β1ᵢ = σ(zᵢ₁), β2ᵢ = σ(zᵢ₂) (and Tᵢ = 0.1 + 9.9 σ(zᵢ₃) with
 ``per_sample_temperature=True``; else one tuned ``temperature`` as in ``distillation``). L_train is eq. 4 with
-those weights, averaged over the batch (:func:`metakd.functional.losses.distillation_loss_per_sample`).
+those weights, averaged over the batch (:func:`metakd.functional.losses.distillation_loss_per_sample`); with
+``normalize_weights`` (default ``train.normalize_weights``) each example's terms are divided by β1ᵢ + β2ᵢ, so
+only its mix matters, and ``hinton_scaling`` (default ``train.hinton_scaling``) multiplies its KD term by T².
 
 The network's weights ARE the metaparameters — ``mwn_w1`` [3, H], ``mwn_b1`` [H], ``mwn_w2`` [H, O],
 ``mwn_b2`` [O] (identity constraint; W's drawn U(±``init_scale``) with the run's metaparameter seed, b's 0,
@@ -48,10 +50,12 @@ class PerSampleKD(Objective):
     """Eq. 4 with (β1ᵢ, β2ᵢ[, Tᵢ]) = MLP(ℓᵢ, cᵢ, aᵢ; λ) (module docstring)."""
 
     neutral: ClassVar[dict[str, float]] = {"beta1": 1.0, "beta2": 0.0, "temperature": 1.0}
+    train_kwargs: ClassVar[tuple[str, ...]] = ("hinton_scaling", "normalize_weights")
 
     def __init__(
         self, *, hidden: int = 16, per_sample_temperature: bool = False, detach: bool = True,
         activation: str = "tanh", init_scale: float = 0.1, hinton_scaling: bool = False,
+        normalize_weights: bool = False,
     ) -> None:  # fmt: skip
         if hidden < 1 or activation not in ("tanh", "relu"):
             raise ConfigError(
@@ -60,6 +64,7 @@ class PerSampleKD(Objective):
         self.hidden, self.outputs = int(hidden), 3 if per_sample_temperature else 2
         self.detach, self.activation = bool(detach), activation
         self.init_scale, self.hinton_scaling = float(init_scale), bool(hinton_scaling)
+        self.normalize_weights = bool(normalize_weights)
 
     def specs(self) -> dict[str, MetaParamSpec]:
         h, o, a = self.hidden, self.outputs, self.init_scale
@@ -114,6 +119,7 @@ class PerSampleKD(Objective):
         return losses.distillation_loss_per_sample(
             logits, targets, teacher_logits, beta1=w["beta1"], beta2=w["beta2"],
             temperature=w["temperature"], hinton_scaling=self.hinton_scaling,
+            normalize_weights=self.normalize_weights,
         )  # fmt: skip
 
     def per_example(
