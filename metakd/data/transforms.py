@@ -16,8 +16,8 @@ A transform is given as
 How they run (in memory and on the streaming path alike; streamed, the workers apply the eval transform as
 they decode each item): the **eval** transform maps every example once as it is decoded (so it may resize
 images of any size to one); its output is what every split stores. When it normalises (a ``Normalize``
-step), ``data.normalize``'s per-channel statistics are not applied on top. The **train** transform runs on each train batch (the student's and the teacher's), example by example,
-on the stored tensors — which are already float and normalised, so its conversion and normalisation steps
+step), ``data.normalize``'s per-channel statistics are not applied on top. The **train** transform runs on
+each train batch (the student's and the teacher's), example by example, on the stored tensors — which are already float and normalised, so its conversion and normalisation steps
 (``ToImage``, ``ToDtype``, ``ToTensor``, ``PILToTensor``, ``Normalize``) are left out (:func:`batch_steps`);
 ``RandomCrop``'s zero padding is then the mean colour, as ``data.augment`` always padded. Draws are seeded:
 :class:`BatchTransform` runs under ``torch.random.fork_rng`` with ``torch.manual_seed(seed)``, the seed being
