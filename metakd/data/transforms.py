@@ -15,18 +15,17 @@ A transform is given as
 
 How they run (in memory and on the streaming path alike; streamed, the workers apply the eval transform as
 they decode each item): the **eval** transform maps every example once as it is decoded (so it may resize
-images of any size to one); its output is what every split stores. When it normalises (a ``Normalize``
-step), ``data.normalize``'s per-channel statistics are not applied on top. The **train** transform runs on
-each train batch (the student's and the teacher's), example by example, on the stored tensors — which are already float and normalised, so its conversion and normalisation steps
-(``ToImage``, ``ToDtype``, ``ToTensor``, ``PILToTensor``, ``Normalize``) are left out (:func:`batch_steps`);
-``RandomCrop``'s zero padding is then the mean colour, as ``data.augment`` always padded. Draws are seeded:
-:class:`BatchTransform` runs under ``torch.random.fork_rng`` with ``torch.manual_seed(seed)``, the seed being
-the batch stream's (run seed, 2, step) (:mod:`metakd.data.batches`), so a step's batch is the same twice and
-across a resume, and the global RNG is untouched. ``data.augment`` is :class:`CropFlip`: the cifar preset's
-crop + flip drawn by the batched :func:`metakd.data.images.augment_batch` from a generator of the same seed
-(the numbers of earlier versions); ``data.train_transform=cifar`` draws the same distribution through
-torchvision, with other draws.
-"""
+images of any size to one); its output is what every split stores. When it normalises (a ``Normalize`` step),
+``data.normalize``'s per-channel statistics are not applied on top. The **train** transform runs on each train
+batch (the student's and the teacher's), example by example, on the stored tensors — which are already float
+and normalised, so its conversion and normalisation steps (``ToImage``, ``ToDtype``, ``ToTensor``,
+``PILToTensor``, ``Normalize``) are left out (:func:`batch_steps`); ``RandomCrop``'s zero padding is then the
+mean colour, as ``data.augment`` always padded. Draws are seeded: :class:`BatchTransform` runs under
+``torch.random.fork_rng`` with ``torch.manual_seed(seed)``, the seed being the batch stream's (run seed, 2,
+step) (:mod:`metakd.data.batches`), so a step's batch is the same twice and across a resume, and the global
+RNG is untouched. ``data.augment`` is :class:`CropFlip`: the cifar preset's crop + flip drawn by the batched
+:func:`metakd.data.images.augment_batch` from a generator of the same seed (the numbers of earlier versions);
+``data.train_transform=cifar`` draws the same distribution through torchvision, with other draws. """
 
 from __future__ import annotations
 
