@@ -25,7 +25,8 @@ mean colour, as ``data.augment`` always padded. Draws are seeded: :class:`BatchT
 step) (:mod:`metakd.data.batches`), so a step's batch is the same twice and across a resume, and the global
 RNG is untouched. ``data.augment`` is :class:`CropFlip`: the cifar preset's crop + flip drawn by the batched
 :func:`metakd.data.images.augment_batch` from a generator of the same seed (the numbers of earlier versions);
-``data.train_transform=cifar`` draws the same distribution through torchvision, with other draws. """
+``data.train_transform=cifar`` draws the same distribution through torchvision, with other draws.
+"""
 
 from __future__ import annotations
 
