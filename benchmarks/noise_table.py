@@ -9,7 +9,7 @@ entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of 
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
 label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation accuracy,
-and its cost is the whole study's. ``--figure`` draws early-stopped test accuracy against compute: each
+and its cost is the whole study's; a study still running (no ``results.json``) is counted, not used. ``--figure`` draws early-stopped test accuracy against compute: each
 seed a faint dot, each row's mean ± standard deviation a marker with error bars.
 """
 
@@ -103,7 +103,11 @@ def main() -> None:
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
         if runs and (runs[0] / "trials").is_dir():  # a searcher: a study per seed, its best trial
-            found = [b for b in (best_trial(r, args.trials) for r in runs) if b is not None]
+            # a study counts once it has finished (results.json); a running one is counted, not used
+            found = [
+                b for b in (best_trial(r, args.trials) for r in runs if (r / "results.json").is_file())
+                if b is not None
+            ]  # fmt: skip
             points[row] = [(b[2], b[0]) for b in found]
             trials = "/".join(str(b[3]) for b in found)
             print(
