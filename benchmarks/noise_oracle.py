@@ -5,15 +5,17 @@ This script skips the finding: a fixed-λ run (``meta.method=fixed``) whose free
 from the data's own flipped mask — for a clean example β1ᵢ = SHARE, β2ᵢ = 1 − SHARE; for a flipped one
 β1ᵢ = 0.001, β2ᵢ = 0.999 (the teacher only) — with one temperature, normalized weights, and everything
 else as the study's rows (configs/cifar10.yaml, the same noisy data, teacher and clean validation set).
-Its early-stopped test accuracy bounds what perfect noise detection by per-example (β1ᵢ, β2ᵢ) can buy
-over the searcher's best scalar λ in this protocol.
+Its early-stopped test accuracy measures what perfect noise detection buys a per-example (β1ᵢ, β2ᵢ) over
+the searcher's best scalar λ in this protocol (a yardstick, not a proof: a learned form may also weight clean
+examples unevenly).
 
     python benchmarks/noise_oracle.py OUT [--share 0.5] [--temperature 1] [--seed 0] [--rate 0.4]
-    python benchmarks/noise_table.py OUT        # the row appears as oracle-s<SHARE>-T<T>
+    python benchmarks/noise_table.py OUT --rows grid,oracle-s0.5-T1    # its row: oracle-s<SHARE>-T<T>
 
 OUT is the study's directory (benchmarks/noise_study.sh): its teacher.pt is used and the run goes to
-OUT/oracle-s<SHARE>-T<T>/seed-<SEED>. The values reach the run as a whole config file (OUT/<name>-seed-<SEED>.yaml) with
-``meta.values`` lists of N entries (N = 10,112), so the run is an ordinary ``metakd train`` run (resumable, per_sample.pt).
+OUT/oracle-s<SHARE>-T<T>/seed-<SEED>. The values reach the run as a whole config file
+(OUT/<name>-seed-<SEED>.yaml) with ``meta.values`` lists of N entries (N = 10,112), so the run is an ordinary
+``metakd train`` run (resumable, with per_sample.pt).
 """
 
 from __future__ import annotations
