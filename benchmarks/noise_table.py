@@ -9,7 +9,7 @@ entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of 
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
 label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation accuracy,
-and its cost is the whole study's; a study still running (no ``results.json``) is counted, not used. ``--figure`` draws early-stopped test accuracy against compute: each
+and its cost is the whole study's; a study that does not yet hold its budget of trials is counted, not used. ``--figure`` draws early-stopped test accuracy against compute: each
 seed a faint dot, each row's mean ± standard deviation a marker with error bars.
 """
 
@@ -48,6 +48,16 @@ def auroc(run: Path) -> float | None:
     if "beta1" not in data or not bool(data["flipped"].any()):
         return None
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
+
+
+def finished(study: Path) -> bool:
+    """Whether a ``metakd search`` study holds its budget of trials (its results.json is rewritten after
+    every trial, so a running study is counted, not used)."""
+    path = study / "results.json"
+    if not path.is_file():
+        return False
+    r = json.loads(path.read_text())
+    return len(r.get("trials") or []) >= int(r.get("budget_trials") or 1)
 
 
 def best_trial(study: Path, trials: bool = False) -> tuple[float, float, float, int] | None:
@@ -103,10 +113,8 @@ def main() -> None:
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
         if runs and (runs[0] / "trials").is_dir():  # a searcher: a study per seed, its best trial
-            # a study counts once it has finished (results.json); a running one is counted, not used
             found = [
-                b for b in (best_trial(r, args.trials) for r in runs if (r / "results.json").is_file())
-                if b is not None
+                b for b in (best_trial(r, args.trials) for r in runs if finished(r)) if b is not None
             ]  # fmt: skip
             points[row] = [(b[2], b[0]) for b in found]
             trials = "/".join(str(b[3]) for b in found)
