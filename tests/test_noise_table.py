@@ -1,0 +1,78 @@
+"""benchmarks/noise_table.py, the table of issue 32's study, on run directories written here by hand: the
+early-stopped test accuracy (at the best clean-validation epoch), a searcher's best trial over finished studies
+only, the AUROC of −β1 for the flipped labels (against scikit-learn's on the same scores), and the figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(
+    path: Path, evals: list[tuple[float, float]], *, cost: float = 1.0, meta: dict | None = None
+) -> None:
+    """A completed run: one eval row per epoch (val, test), a summary with the final test accuracy."""
+    path.mkdir(parents=True)
+    rows = [
+        {"step": 10 * e, "epoch": e + 1, "val_accuracy": v, "test_accuracy": t}
+        for e, (v, t) in enumerate(evals)
+    ]
+    rows.insert(
+        1, {"step": 5, "epoch": 1, "train_loss": 1.0}
+    )  # a row without evaluations is skipped
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"status": "completed", "test_accuracy": evals[-1][1], "wall_seconds": 120.0,
+               "cost": {"plain_runs": cost}, "meta": meta or {}}  # fmt: skip
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def _study(path: Path, trials: list[list[tuple[float, float]]], budget: int) -> None:
+    for i, evals in enumerate(trials):
+        _run(path / "trials" / f"trial-{i:04d}", evals, meta={"beta1": 0.1 * (i + 1)})
+    results = {"budget_trials": budget, "trials": [{} for _ in trials]}
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(tmp_path):
+    out = tmp_path / "noise40"
+    _run(out / "ce" / "seed-0", [(0.40, 0.41), (0.50, 0.47), (0.45, 0.30)])  # best val at epoch 2
+    _run(out / "ce" / "seed-1", [(0.52, 0.49), (0.44, 0.31)])
+    _run(out / "free" / "seed-0", [(0.55, 0.56)], cost=3.0)
+    flipped = torch.tensor([True, False, True, False, False, True])
+    beta1 = torch.tensor(
+        [0.1, 0.9, 0.6, 0.5, 0.8, 0.2]
+    )  # one flipped example (0.6) above a clean one (0.5)
+    torch.save({"flipped": flipped, "beta1": beta1}, out / "free" / "seed-0" / "per_sample.pt")
+    _study(out / "grid" / "seed-0", [[(0.60, 0.58)], [(0.62, 0.61), (0.61, 0.65)]], budget=2)
+    _study(out / "grid" / "seed-1", [[(0.90, 0.90)]], budget=2)  # still running: counted, not used
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_table.py"), str(out), "--rows", "ce,grid,free",
+         "--figure", str(tmp_path / "acc.png")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in proc.stdout.splitlines()[2:]
+    }
+    assert rows["ce"][:3] == [
+        "2/2",
+        "0.4800 ± 0.0141",
+        "2, 1",
+    ]  # (0.47 + 0.49) / 2, epochs of best val
+    assert rows["ce"][4] == "0.3050 ± 0.0071"  # final test accuracy
+    grid = rows["grid (best trial by clean val)"]
+    assert grid[:2] == [
+        "1/2 (trials 2)",
+        "0.6100",
+    ]  # the best trial's test at its best val; seed 1 not used
+    assert grid[5] == "2.00"  # the whole study's cost
+    want = roc_auc_score(flipped.numpy(), (-beta1).numpy())
+    assert rows["free"][-1] == f"{want:.3f}" and 0.5 < want < 1.0
+    assert (tmp_path / "acc.png").stat().st_size > 10_000
