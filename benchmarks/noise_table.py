@@ -8,9 +8,10 @@ which every row — cross-entropy included — is judged by), the compute in pla
 entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of the same config), and for
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
 label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used. A searcher's
-row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation accuracy,
-and its cost is the whole study's; a study that does not yet hold its budget of trials is counted, not used. ``--figure`` draws early-stopped test accuracy against compute: each
-seed a faint dot, each row's mean ± standard deviation a marker with error bars.
+row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation
+accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
+not used. ``--figure`` draws early-stopped test accuracy against compute: each seed a faint dot, each row's
+mean ± standard deviation a marker with error bars.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def auroc(run: Path) -> float | None:
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
 
 
+def completed(run: Path) -> dict | None:
+    """The summary.json of a run that completed; None for a missing or unfinished one."""
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    return s if s.get("status") == "completed" else None
+
+
 def finished(study: Path) -> bool:
     """Whether a ``metakd search`` study holds its budget of trials (its results.json is rewritten after
     every trial, so a running study is counted, not used)."""
@@ -67,10 +77,9 @@ def best_trial(study: Path, trials: bool = False) -> tuple[float, float, float, 
     best: tuple[float, float] | None = None
     cost, n = 0.0, 0
     for trial in sorted((study / "trials").glob("trial-*")):
-        summary = trial / "summary.json"
-        if not summary.is_file() or json.loads(summary.read_text()).get("status") != "completed":
+        s = completed(trial)
+        if s is None:
             continue
-        s = json.loads(summary.read_text())
         n += 1
         cost += float((s.get("cost") or {}).get("plain_runs") or 1.0)
         test, epoch, val = early_stopped(trial)
@@ -107,9 +116,9 @@ def main() -> None:
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels |"
     )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-    points: dict[
-        str, list[tuple[float, float]]
-    ] = {}  # row -> [(cost, early-stopped test acc)] per seed
+    # row -> [(cost, early-stopped test acc)] per seed; the searcher rows among them
+    points: dict[str, list[tuple[float, float]]] = {}
+    searchers: list[str] = []
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
         if runs and (runs[0] / "trials").is_dir():  # a searcher: a study per seed, its best trial
@@ -117,6 +126,7 @@ def main() -> None:
                 b for b in (best_trial(r, args.trials) for r in runs if finished(r)) if b is not None
             ]  # fmt: skip
             points[row] = [(b[2], b[0]) for b in found]
+            searchers.append(row)
             trials = "/".join(str(b[3]) for b in found)
             print(
                 f"| {row} (best trial by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
@@ -124,16 +134,11 @@ def main() -> None:
                 f"| {_fmt([b[2] for b in found], 2)} | – | – |"
             )
             continue
-        done = []
-        for run in runs:
-            summary = run / "summary.json"
-            if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
-                done.append(run)
         if not runs:
             continue
+        done = [(run, s) for run in runs if (s := completed(run)) is not None]
         early, epochs, vals, final, cost, au, wall = [], [], [], [], [], [], []
-        for run in done:
-            s = json.loads((run / "summary.json").read_text())
+        for run, s in done:
             acc, epoch, val = early_stopped(run)
             early.append(acc)
             vals.append(val)
@@ -153,7 +158,6 @@ def main() -> None:
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} |"
         )
     if args.figure is not None:
-        searchers = [r for r in points if (args.out / r / "seed-0" / "trials").is_dir()]
         figure(points, args.figure, args.out.name, searchers)
 
 
