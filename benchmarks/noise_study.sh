@@ -52,22 +52,21 @@ if [ ! -f "$OUT/teacher.pt" ]; then
 fi
 
 row_args() {
+  # the two bases their variants extend: free per-example entries; the network with an exact 10-step horizon
+  local free="meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
+meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true"
+  local mwn10="meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
+meta.every=10 meta.lr=0.01"
   case "$1" in
     ce) echo "meta.method=baseline" ;;
     kd) echo "meta.method=fixed meta.values.beta1=0.01 meta.values.beta2=0.99 meta.values.temperature=6.5" ;;
     scalar) echo "meta.method=hypergrad meta.hypergrad.method=online meta.hypergrad.online_decay=0.999 \
 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
-    free) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
-meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
-    freewarm) echo "meta.method=hypergrad meta.params.beta1.per_sample=true meta.params.beta2.per_sample=true \
-meta.params.beta1.init=0.01 meta.params.beta2.init=0.99 meta.params.temperature.init=6.5 \
-meta.unroll=10 meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
-    mwn10) echo "meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
-meta.every=10 meta.lr=0.01" ;;
-    mwn10n) echo "meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
-meta.every=10 meta.lr=0.01 train.normalize_weights=true" ;;
-    mwn10nt) echo "meta.method=hypergrad objective=per_sample_kd objective_kwargs.detach=false meta.unroll=10 \
-meta.every=10 meta.lr=0.01 train.normalize_weights=true meta.params.temperature.init=6.5" ;;
+    free) echo "$free" ;;
+    freewarm) echo "$free meta.params.beta1.init=0.01 meta.params.beta2.init=0.99 meta.params.temperature.init=6.5" ;;
+    mwn10) echo "$mwn10" ;;
+    mwn10n) echo "$mwn10 train.normalize_weights=true" ;;
+    mwn10nt) echo "$mwn10 train.normalize_weights=true meta.params.temperature.init=6.5" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
     *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt grid tpe)" >&2; return 2 ;;
   esac
