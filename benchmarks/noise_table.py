@@ -7,7 +7,8 @@ One row per study row (``OUT/<row>/seed-<s>/``): seeds finished, the final test 
 which every row — cross-entropy included — is judged by), the compute in plain runs (the run's ledger
 entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of the same config), and for
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
-label gets a lower β1 than every clean one, 0.5: chance). Unfinished runs are counted, not used. A searcher's
+label gets a lower β1 than every clean one, 0.5: chance), the mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) of the
+clean and the flipped examples (with per-sample β1 and β2) and the final T. Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation
 accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
 not used. ``--figure`` draws early-stopped test accuracy against compute: each seed a faint dot, each row's
@@ -41,14 +42,29 @@ def early_stopped(run: Path) -> tuple[float, int, float]:
     return float(best["test_accuracy"]), int(best["epoch"]), float(best["val_accuracy"])
 
 
-def auroc(run: Path) -> float | None:
+def _per_sample(run: Path) -> dict | None:
+    """The run's per_sample.pt, or None."""
     path = run / "per_sample.pt"
-    if not path.is_file():
-        return None
-    data = torch.load(path, weights_only=True)
-    if "beta1" not in data or not bool(data["flipped"].any()):
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def auroc(run: Path) -> float | None:
+    data = _per_sample(run)
+    if data is None or "beta1" not in data or not bool(data["flipped"].any()):
         return None
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
+
+
+def shares(run: Path) -> tuple[float, float | None] | None:
+    """Mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) of the clean and of the flipped examples (None without flipped
+    labels); None without per-sample β1 and β2."""
+    data = _per_sample(run)
+    if data is None or "beta1" not in data or "beta2" not in data:
+        return None
+    share, flipped = data["beta1"] / (data["beta1"] + data["beta2"]), data["flipped"]
+    return float(share[~flipped].mean()), float(share[flipped].mean()) if bool(
+        flipped.any()
+    ) else None
 
 
 def completed(run: Path) -> dict | None:
@@ -113,9 +129,10 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
-        "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels |"
+        "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels | final β1 share clean / flipped "
+        "| final T |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     # row -> [(cost, early-stopped test acc)] per seed; the searcher rows among them
     points: dict[str, list[tuple[float, float]]] = {}
     searchers: list[str] = []
@@ -131,13 +148,13 @@ def main() -> None:
             print(
                 f"| {row} (best trial by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
                 f"| {_fmt([b[0] for b in found])} | – | {_fmt([b[1] for b in found])} | – "
-                f"| {_fmt([b[2] for b in found], 2)} | – | – |"
+                f"| {_fmt([b[2] for b in found], 2)} | – | – | – | – |"
             )
             continue
         if not runs:
             continue
         done = [(run, s) for run in runs if (s := completed(run)) is not None]
-        early, epochs, vals, final, cost, au, wall = [], [], [], [], [], [], []
+        early, epochs, vals, final, cost, au, wall, clean, noisy, temps = ([] for _ in range(10))
         for run, s in done:
             acc, epoch, val = early_stopped(run)
             early.append(acc)
@@ -152,10 +169,19 @@ def main() -> None:
             a = auroc(run)
             if a is not None:
                 au.append(a)
+            sh = shares(run)
+            if sh is not None:
+                clean.append(sh[0])
+                if sh[1] is not None:
+                    noisy.append(sh[1])
+            t = (s.get("meta") or {}).get("temperature")
+            if isinstance(t, (int, float)):
+                temps.append(float(t))
         print(
             f"| {row} | {len(done)}/{len(runs)} | {_fmt(early)} | {', '.join(epochs) or '–'} | {_fmt(vals)} "
             f"| {_fmt(final)} "
-            f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} |"
+            f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
+            f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} | {_fmt(temps, 2)} |"
         )
     if args.figure is not None:
         figure(points, args.figure, args.out.name, searchers)

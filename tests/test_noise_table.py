@@ -1,6 +1,7 @@
 """benchmarks/noise_table.py, the table of issue 32's study, on run directories written here by hand: the
 early-stopped test accuracy (at the best clean-validation epoch), a searcher's best trial over finished studies
-only, the AUROC of −β1 for the flipped labels (against scikit-learn's on the same scores), and the figure."""
+only, the AUROC of −β1 for the flipped labels (against scikit-learn's on the same scores), the mean β1 shares of
+clean and flipped examples (against the closed form), the final T, and the figure."""
 
 from __future__ import annotations
 
@@ -44,12 +45,18 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     out = tmp_path / "noise40"
     _run(out / "ce" / "seed-0", [(0.40, 0.41), (0.50, 0.47), (0.45, 0.30)])  # best val at epoch 2
     _run(out / "ce" / "seed-1", [(0.52, 0.49), (0.44, 0.31)])
-    _run(out / "free" / "seed-0", [(0.55, 0.56)], cost=3.0)
+    _run(out / "free" / "seed-0", [(0.55, 0.56)], cost=3.0, meta={"temperature": 4.5})
     flipped = torch.tensor([True, False, True, False, False, True])
     beta1 = torch.tensor(
         [0.1, 0.9, 0.6, 0.5, 0.8, 0.2]
     )  # one flipped example (0.6) above a clean one (0.5)
-    torch.save({"flipped": flipped, "beta1": beta1}, out / "free" / "seed-0" / "per_sample.pt")
+    beta2 = (
+        1.0 - beta1 / 2
+    )  # shares β1/(β1 + β2): clean 0.9/1.45, 0.5/1.25, 0.8/1.4; flipped 0.1/1.05, 0.6/1.3, 0.2/1.1
+    torch.save(
+        {"flipped": flipped, "beta1": beta1, "beta2": beta2},
+        out / "free" / "seed-0" / "per_sample.pt",
+    )
     _study(out / "grid" / "seed-0", [[(0.60, 0.58)], [(0.62, 0.61), (0.61, 0.65)]], budget=2)
     _study(out / "grid" / "seed-1", [[(0.90, 0.90)]], budget=2)  # still running: counted, not used
     proc = subprocess.run(
@@ -74,5 +81,9 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     ]  # the best trial's test at its best val; seed 1 not used
     assert grid[5] == "2.00"  # the whole study's cost
     want = roc_auc_score(flipped.numpy(), (-beta1).numpy())
-    assert rows["free"][-1] == f"{want:.3f}" and 0.5 < want < 1.0
+    assert rows["free"][-3] == f"{want:.3f}" and 0.5 < want < 1.0
+    clean = (0.9 / 1.45 + 0.5 / 1.25 + 0.8 / 1.4) / 3
+    noisy = (0.1 / 1.05 + 0.6 / 1.3 + 0.2 / 1.1) / 3
+    assert rows["free"][-2:] == [f"{clean:.3f} / {noisy:.3f}", "4.50"]
+    assert rows["ce"][-2:] == ["–", "–"]  # no per-sample β, no temperature in its summary
     assert (tmp_path / "acc.png").stat().st_size > 10_000
