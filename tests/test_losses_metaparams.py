@@ -99,3 +99,20 @@ def test_metaparams_init_values_and_gradients():
         a.set_values({"nope": 1.0})
     with pytest.raises(ValueError, match="outside the open range"):
         a.set_values({"beta1": 1.5})
+
+
+def test_list_init_gives_one_value_per_entry_row_major():
+    """A list ``init`` is each entry's constrained value (row-major); its checks name shape and range."""
+    values = [[0.1, 0.2, 0.3], [0.7, 0.8, 0.9]]
+    spec = MetaParamSpec(shape=[2, 3], init=[v for row in values for v in row])
+    got = MetaParams({"w": spec}).constrained()["w"]
+    # float32 storage of the raw entries: σ(float32(logit v)) is v within a few float32 ulps
+    torch.testing.assert_close(got, torch.tensor(values), rtol=0, atol=4 * 2**-24)
+    with pytest.raises(ValueError, match="takes one number or 6"):
+        MetaParamSpec(shape=[2, 3], init=[0.5] * 5)
+    with pytest.raises(ValueError, match="a scalar or per-sample metaparameter takes one number"):
+        MetaParamSpec(init=[0.5])
+    with pytest.raises(ValueError, match="a scalar or per-sample metaparameter takes one number"):
+        MetaParamSpec(per_sample=True, init=[0.5, 0.5])
+    with pytest.raises(ValueError, match="outside the open range"):
+        MetaParamSpec(shape=[2], init=[0.5, 1.0])

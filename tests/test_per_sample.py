@@ -5,6 +5,7 @@ hypergradients against float64 finite differences, and per_sample.pt in a run di
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -204,6 +205,27 @@ def test_the_network_objective_reads_train_normalize_weights_and_hinton_scaling(
     explicit = load_config(None, ["objective=per_sample_kd", "train.normalize_weights=true",
                                   "objective_kwargs.normalize_weights=false"])  # fmt: skip
     assert objectives.build(explicit).normalize_weights is False
+
+
+def test_the_network_starts_at_a_chosen_mix_through_a_list_init_of_its_output_bias():
+    """meta.params.mwn_b2.init=[logit β1, logit β2] with mwn_w2 = 0 starts every example at (β1, β2): the
+    network's output is then σ(b2) whatever the signals (the noise study's warm start, row mwn10w)."""
+    from metakd.functional.metaparams import MetaParams
+    from metakd.training import objectives
+
+    logit = [math.log(0.01 / 0.99), math.log(0.99 / 0.01)]
+    cfg = load_config(None, ["objective=per_sample_kd", f"meta.params.mwn_b2.init={logit}",
+                             "meta.params.mwn_w2.init_range=[0,0]", "meta.params.temperature.init=6.5"])  # fmt: skip
+    lam = MetaParams(cfg.meta.params, generator=torch.Generator().manual_seed(0)).constrained()
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    w = objectives.build(cfg).weights(s, torch.randint(0, 4, (8,), generator=g), t, lam)
+    # float32 storage of b2 = ±4.595: σ of it is 0.01 / 0.99 within a few float32 ulps of 1
+    eps = 4 * 2**-24
+    torch.testing.assert_close(w["beta1"], torch.full((8,), 0.01), rtol=0, atol=eps)
+    torch.testing.assert_close(w["beta2"], torch.full((8,), 0.99), rtol=0, atol=eps)
+    # T = 0.1 + 9.9 σ(r) in float32: a few roundings of values near 6.5, each under 2^-24 relative
+    torch.testing.assert_close(w["temperature"], torch.tensor(6.5), rtol=16 * 2**-24, atol=0)
 
 
 def test_fixed_per_sample_values_take_one_number_per_training_example(cache):

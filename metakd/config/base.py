@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,8 +39,10 @@ class MetaParamSpec(Strict):
     constraint: Literal["sigmoid", "softplus", "exp", "identity"] = "sigmoid"
     lo: float = 0.0
     hi: float = 1.0
-    init: float | None = Field(
-        default=None, description="constrained initial value; None draws raw ~ U(init_range)"
+    init: float | list[float] | None = Field(
+        default=None,
+        description="constrained initial value: one number for every entry, or (a shaped metaparameter) "
+        "a list of one per entry in row-major order; None draws raw ~ U(init_range)",
     )
     init_range: tuple[float, float] = (-1.0, 1.0)
     shape: list[int] = Field(default_factory=list, description="[] for a scalar")
@@ -51,16 +54,25 @@ class MetaParamSpec(Strict):
             raise ValueError(f"range needs lo < hi, got lo={self.lo}, hi={self.hi}")
         if self.init_range[0] > self.init_range[1]:
             raise ValueError(f"init_range needs low <= high, got {list(self.init_range)}")
-        if (
-            self.init is not None
-            and self.constraint == "sigmoid"
-            and not self.lo < self.init < self.hi
-        ):
-            raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
         if any(s < 1 for s in self.shape):
             raise ValueError(f"shape entries must be >= 1, got {self.shape}")
         if self.per_sample and self.shape:
             raise ValueError(f"per_sample=true takes shape [], got {self.shape}")
+        if isinstance(self.init, list) and (self.per_sample or not self.shape):
+            raise ValueError(
+                f"init={self.init}: a scalar or per-sample metaparameter takes one number (values per "
+                "example are meta.values with meta.method=fixed)"
+            )
+        if isinstance(self.init, list) and len(self.init) != math.prod(self.shape):
+            raise ValueError(
+                f"init has {len(self.init)} numbers; shape {self.shape} takes one number or "
+                f"{math.prod(self.shape)}, one per entry in row-major order"
+            )
+        inits = (
+            self.init if isinstance(self.init, list) else [] if self.init is None else [self.init]
+        )
+        if self.constraint == "sigmoid" and not all(self.lo < v < self.hi for v in inits):
+            raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
         return self
 
 

@@ -75,7 +75,8 @@ def _as_python(t: Tensor) -> float | list[Any]:
 class MetaParams:
     """A named set of metaparameters: ``raw[name]`` are leaf tensors (``requires_grad=True``).
 
-    Initial raw values: ``c⁻¹(spec.init)`` when ``spec.init`` is given, else ``U(init_range)`` drawn from
+    Initial raw values: ``c⁻¹(spec.init)`` when ``spec.init`` is given (a number for every entry, or a
+    row-major list of one per entry), else ``U(init_range)`` drawn from
     ``generator`` (seeded, so runs are reproducible). Shapes come from ``spec.shape`` (``[]`` = scalar).
     """
 
@@ -93,7 +94,9 @@ class MetaParams:
         self.raw: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
             shape = tuple(spec.shape)
-            if spec.init is not None:
+            if isinstance(spec.init, list):  # one constrained value per entry, row-major
+                r = unconstrain(torch.tensor(spec.init, dtype=torch.float64).reshape(shape), spec)
+            elif spec.init is not None:
                 r = unconstrain(torch.full(shape, float(spec.init), dtype=torch.float64), spec)
             else:
                 lo, hi = spec.init_range
