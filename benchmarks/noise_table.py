@@ -163,6 +163,8 @@ def main() -> None:
             final.append(float(s["test_accuracy"]))
             wall.append(float(s["wall_seconds"]) / 60)
             c = (s.get("cost") or {}).get("plain_runs") if isinstance(s.get("cost"), dict) else None
+            if c is None and s.get("method") == "baseline":  # 1 plain run by definition
+                c = 1.0
             if c:
                 cost.append(float(c))
             points.setdefault(row, []).append((float(c or 1.0), acc))
