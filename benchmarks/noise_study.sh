@@ -27,6 +27,8 @@
 #           example starts at share 0.01, T 6.5, as vanilla KD): per-example corrections of KD's λ
 #   mwn10wd mwn10w with the loss signal detached (objective_kwargs.detach=true): the student then trains on
 #           the reweighted loss alone, not also on ∂vᵢ/∂ℓᵢ; the 10-step hypergradient is then approximate
+#   mwn10wf mwn10w frozen (meta.lr=1e-12; the schema wants > 0): the network stays at its warm start, so it
+#           differs from kd only by the per_sample_kd path (its small random spread, the undetached ℓᵢ signal)
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
 #           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
 #           best clean-validation accuracy at any epoch (early-stopped, as every row)
@@ -74,8 +76,9 @@ meta.every=10 meta.lr=0.05 train.normalize_weights=true" ;;
     mwn10w) echo "$mwn10 train.normalize_weights=true meta.params.temperature.init=6.5 \
 meta.params.mwn_b2.init=[-4.595,4.595]" ;;
     mwn10wd) echo "$(row_args mwn10w) objective_kwargs.detach=true" ;;
+    mwn10wf) echo "$(row_args mwn10w) meta.lr=1e-12" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd grid tpe)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd mwn10wf grid tpe)" >&2; return 2 ;;
   esac
 }
 
