@@ -67,6 +67,16 @@ def shares(run: Path) -> tuple[float, float | None] | None:
     ) else None
 
 
+def spread(run: Path) -> list[float] | None:
+    """The 1st, 50th and 99th percentiles of the final β1 share over all N examples (linear
+    interpolation, numpy's default); None without per-sample β1 and β2."""
+    data = _per_sample(run)
+    if data is None or "beta1" not in data or "beta2" not in data:
+        return None
+    share = (data["beta1"] / (data["beta1"] + data["beta2"])).double()
+    return torch.quantile(share, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+
+
 def completed(run: Path) -> dict | None:
     """The summary.json of a run that completed; None for a missing or unfinished one."""
     path = run / "summary.json"
@@ -126,6 +136,10 @@ def main() -> None:
     parser.add_argument(
         "--figure", type=Path, help="write the accuracy-against-compute figure here"
     )
+    parser.add_argument(
+        "--spread", action="store_true",
+        help="after the table, each per-sample run's β1 share percentiles 1 / 50 / 99 over all examples",
+    )  # fmt: skip
     args = parser.parse_args()
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
@@ -185,6 +199,14 @@ def main() -> None:
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
             f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} | {_fmt(temps, 2)} |"
         )
+    if args.spread:
+        print()
+        for row in args.rows.split(","):
+            for run in sorted((args.out / row).glob("seed-*")):
+                q = spread(run) if completed(run) is not None else None
+                if q is not None:
+                    print(f"{row} {run.name}: β1 share percentiles 1 / 50 / 99: "
+                          + " / ".join(f"{v:.4f}" for v in q))  # fmt: skip
     if args.figure is not None:
         figure(points, args.figure, args.out.name, searchers)
 

@@ -87,3 +87,26 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     assert rows["free"][-2:] == [f"{clean:.3f} / {noisy:.3f}", "4.50"]
     assert rows["ce"][-2:] == ["–", "–"]  # no per-sample β, no temperature in its summary
     assert (tmp_path / "acc.png").stat().st_size > 10_000
+
+
+def test_spread_prints_the_share_percentiles_of_all_examples(tmp_path):
+    """--spread: the 1st / 50th / 99th percentile of β1ᵢ/(β1ᵢ + β2ᵢ) over all examples, by linear
+    interpolation between the sorted shares (worked by hand for six examples)."""
+    out = tmp_path / "noise0"
+    _run(out / "free" / "seed-0", [(0.55, 0.56)])
+    beta1 = torch.tensor([0.1, 0.9, 0.6, 0.5, 0.8, 0.2], dtype=torch.float64)
+    torch.save(
+        {"flipped": torch.zeros(6, dtype=torch.bool), "beta1": beta1, "beta2": 1.0 - beta1 / 2},
+        out / "free" / "seed-0" / "per_sample.pt",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_table.py"), str(out), "--rows", "free", "--spread"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    s = sorted(b / (b + 1.0 - b / 2) for b in [0.1, 0.9, 0.6, 0.5, 0.8, 0.2])
+    # position p·(N - 1) in the sorted shares: 0.05, 2.5 and 4.95
+    want = [s[0] + 0.05 * (s[1] - s[0]), (s[2] + s[3]) / 2, s[4] + 0.95 * (s[5] - s[4])]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line == "free seed-0: β1 share percentiles 1 / 50 / 99: " + " / ".join(
+        f"{v:.4f}" for v in want
+    )
