@@ -11,6 +11,7 @@ import math
 import platform
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -334,3 +335,62 @@ def test_the_table_creation_race_is_retried_and_other_errors_are_not(tmp_path, m
     with pytest.raises(Exception, match="database is locked"):
         storage_for(None, tmp_path / "b")
     assert len(calls) == 1  # not retried
+
+
+_RECOVER_WORKER = """
+import sys, time
+from pathlib import Path
+import optuna
+from metakd.runs.study import recover
+from metakd.runs.study_storage import storage_for
+out = Path(sys.argv[1])
+store = storage_for(None, out)
+study = optuna.load_study(study_name="s", storage=store)
+while not (out / "go").exists():  # both workers are loaded: start together
+    time.sleep(0.001)
+recover(study, store, "grid", out / "recover.lock")
+"""
+
+
+def test_an_interrupted_point_is_enqueued_once_by_repeated_or_simultaneous_recovery(tmp_path):
+    """A failed trial without an error (interrupted) has its point enqueued once: a WAITING trial's point
+    (its fixed_params; its params stay empty until it runs) counts as held, and two workers recovering
+    at the same moment take turns under the lock (the noise study's grid once ran two points twice)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from metakd.runs.study import recover
+
+    def interrupted_study(out: Path) -> optuna.Study:
+        store = storage_for(None, out)
+        study = optuna.create_study(study_name="s", storage=store)
+        dist = {"beta1_share": FloatDistribution(0.01, 0.5), "temperature": FloatDistribution(1, 4)}
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, distributions=dist,
+                                     params={"beta1_share": 0.5, "temperature": 1.0}))  # fmt: skip
+        for point in (
+            {"beta1_share": 0.1, "temperature": 4.0},
+            {"beta1_share": 0.01, "temperature": 4.0},
+        ):
+            study.add_trial(create_trial(state=TrialState.FAIL, params=point, distributions=dist))
+        return study
+
+    def waiting(out: Path) -> list[dict]:
+        study = optuna.load_study(study_name="s", storage=storage_for(None, out))
+        return sorted((t.system_attrs["fixed_params"] for t in study.get_trials(states=(TrialState.WAITING,))),
+                      key=lambda p: p["beta1_share"])  # fmt: skip
+
+    want = [{"beta1_share": 0.01, "temperature": 4.0}, {"beta1_share": 0.1, "temperature": 4.0}]
+    one = tmp_path / "one"
+    one.mkdir()
+    study = interrupted_study(one)
+    for _ in range(2):  # e.g. a worker's start, then its loop's end before the points ran
+        recover(study, storage_for(None, one), "grid")
+    assert waiting(one) == want
+
+    two = tmp_path / "two"
+    two.mkdir()
+    interrupted_study(two)
+    procs = [subprocess.Popen([sys.executable, "-c", _RECOVER_WORKER, str(two)]) for _ in range(2)]
+    (two / "go").touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert waiting(two) == want

@@ -267,7 +267,9 @@ def run_search(
         sampler=make_sampler(sampler, grid_values, seed, trials), pruner=make_pruner(pruner),
     )  # fmt: skip
     study.set_user_attr("metric", "val_accuracy (final evaluation)")
-    recover(study, store, sampler)
+    # workers started together (noise_study.sh's two) take turns: each would enqueue the same points
+    recover_lock = out / "recover.lock"
+    recover(study, store, sampler, recover_lock)
     uid = _study_uid(study)
 
     from optuna.trial import TrialState
@@ -330,7 +332,7 @@ def run_search(
         if done < trials:
             stop = optuna.study.MaxTrialsCallback(trials, states=(*counted, TrialState.RUNNING))
             study.optimize(objective, n_trials=trials - done, callbacks=[stop, write], catch=())
-        rerun = recover(study, store, sampler)  # a worker of this host that died meanwhile
+        rerun = recover(study, store, sampler, recover_lock)  # a worker of this host died meanwhile
         if not rerun:
             break
         log.warning("trial(s) %s of a worker that died are run again",

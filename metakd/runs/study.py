@@ -124,32 +124,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover(study: optuna.Study, storage: Any, kind: str) -> list[int]:
+def recover(study: optuna.Study, storage: Any, kind: str, lock: Path | None = None) -> list[int]:
     """Mark trials left RUNNING by dead processes of this host failed, and enqueue the point of each
     interrupted (not errored) failed trial that no other trial holds (also for the grid sampler,
     which counts a failed grid point as visited and would draw a random one instead). Returns the
-    numbers of the trials marked failed. ``kind``: the sampler (kept for callers)."""
+    numbers of the trials marked failed. ``kind``: the sampler (kept for callers).
+
+    A point already enqueued (a WAITING trial, whose ``params`` stay empty until it runs: the point
+    is its ``fixed_params``) counts as held. ``lock``: a file lock held meanwhile, so workers of one
+    study starting together do not each enqueue the same points (workers on other hosts are not
+    covered: they recover only what they see after this one's enqueueing commits)."""
+    from filelock import FileLock
     from optuna.trial import TrialState
 
     host = platform.node()
     marked = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        pid = worker.get("pid")
-        if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            marked.append(t.number)
-    trials = study.get_trials(deepcopy=False)
-    held = [
-        t.params for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
-                       TrialState.WAITING)
-    ]  # fmt: skip
-    for t in trials:
-        interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
-        if interrupted and t.params and t.params not in held:
-            study.enqueue_trial(t.params)
-            held.append(t.params)
+    with FileLock(str(lock), timeout=120) if lock is not None else contextlib.nullcontext():
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker") or {}
+            pid = worker.get("pid")
+            if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                marked.append(t.number)
+        trials = study.get_trials(deepcopy=False)
+        held = [
+            t.params or t.system_attrs.get("fixed_params") for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                           TrialState.WAITING)
+        ]  # fmt: skip
+        for t in trials:
+            interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
+            if interrupted and t.params and t.params not in held:
+                study.enqueue_trial(t.params)
+                held.append(t.params)
     return marked
 
 
