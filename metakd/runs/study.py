@@ -132,8 +132,8 @@ def recover(study: optuna.Study, storage: Any, kind: str, lock: Path | None = No
 
     A point already enqueued (a WAITING trial, whose ``params`` stay empty until it runs: the point
     is its ``fixed_params``) counts as held. ``lock``: a file lock held meanwhile, so workers of one
-    study starting together do not each enqueue the same points (workers on other hosts are not
-    covered: they recover only what they see after this one's enqueueing commits)."""
+    study starting together do not each enqueue the same points (a worker on another host, without
+    that lock file, can still race this one)."""
     from filelock import FileLock
     from optuna.trial import TrialState
 
