@@ -48,33 +48,40 @@ def _per_sample(run: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.is_file() else None
 
 
-def auroc(run: Path) -> float | None:
-    data = _per_sample(run)
+def auroc(data: dict | None) -> float | None:
+    """AUROC of −β1 for the flipped labels of a per_sample.pt; None without per-sample β1 or noise."""
     if data is None or "beta1" not in data or not bool(data["flipped"].any()):
         return None
     return float(roc_auc_score(data["flipped"].numpy(), (-data["beta1"]).numpy()))
 
 
-def shares(run: Path) -> tuple[float, float | None] | None:
-    """Mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) of the clean and of the flipped examples (None without flipped
-    labels); None without per-sample β1 and β2."""
-    data = _per_sample(run)
+def _share(data: dict | None) -> torch.Tensor | None:
+    """Each example's final β1 share β1ᵢ/(β1ᵢ + β2ᵢ); None without per-sample β1 and β2."""
     if data is None or "beta1" not in data or "beta2" not in data:
         return None
-    share, flipped = data["beta1"] / (data["beta1"] + data["beta2"]), data["flipped"]
+    return data["beta1"] / (data["beta1"] + data["beta2"])
+
+
+def shares(data: dict | None) -> tuple[float, float | None] | None:
+    """Mean final β1 share of the clean and of the flipped examples (None without flipped labels);
+    None without per-sample β1 and β2."""
+    share = _share(data)
+    if data is None or share is None:
+        return None
+    flipped = data["flipped"]
     return float(share[~flipped].mean()), float(share[flipped].mean()) if bool(
         flipped.any()
     ) else None
 
 
-def spread(run: Path) -> list[float] | None:
+def spread(data: dict | None) -> list[float] | None:
     """The 1st, 50th and 99th percentiles of the final β1 share over all N examples (linear
     interpolation, numpy's default); None without per-sample β1 and β2."""
-    data = _per_sample(run)
-    if data is None or "beta1" not in data or "beta2" not in data:
+    share = _share(data)
+    if share is None:
         return None
-    share = (data["beta1"] / (data["beta1"] + data["beta2"])).double()
-    return torch.quantile(share, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+    q = torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)
+    return torch.quantile(share.double(), q).tolist()
 
 
 def completed(run: Path) -> dict | None:
@@ -150,6 +157,7 @@ def main() -> None:
     # row -> [(cost, early-stopped test acc)] per seed; the searcher rows among them
     points: dict[str, list[tuple[float, float]]] = {}
     searchers: list[str] = []
+    spreads: list[str] = []  # --spread's lines, printed after the table
     for row in args.rows.split(","):
         runs = sorted((args.out / row).glob("seed-*"))
         if runs and (runs[0] / "trials").is_dir():  # a searcher: a study per seed, its best trial
@@ -182,10 +190,15 @@ def main() -> None:
             if c:
                 cost.append(float(c))
             points.setdefault(row, []).append((float(c or 1.0), acc))
-            a = auroc(run)
+            data = _per_sample(run)
+            a = auroc(data)
             if a is not None:
                 au.append(a)
-            sh = shares(run)
+            q = spread(data) if args.spread else None
+            if q is not None:
+                spreads.append(f"{row} {run.name}: β1 share percentiles 1 / 50 / 99: "
+                               + " / ".join(f"{v:.4f}" for v in q))  # fmt: skip
+            sh = shares(data)
             if sh is not None:
                 clean.append(sh[0])
                 if sh[1] is not None:
@@ -199,14 +212,8 @@ def main() -> None:
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
             f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} | {_fmt(temps, 2)} |"
         )
-    if args.spread:
-        print()
-        for row in args.rows.split(","):
-            for run in sorted((args.out / row).glob("seed-*")):
-                q = spread(run) if completed(run) is not None else None
-                if q is not None:
-                    print(f"{row} {run.name}: β1 share percentiles 1 / 50 / 99: "
-                          + " / ".join(f"{v:.4f}" for v in q))  # fmt: skip
+    if spreads:
+        print("\n" + "\n".join(spreads))
     if args.figure is not None:
         figure(points, args.figure, args.out.name, searchers)
 
