@@ -58,19 +58,20 @@ class MetaParamSpec(Strict):
             raise ValueError(f"shape entries must be >= 1, got {self.shape}")
         if self.per_sample and self.shape:
             raise ValueError(f"per_sample=true takes shape [], got {self.shape}")
-        if isinstance(self.init, list) and (self.per_sample or not self.shape):
-            raise ValueError(
-                f"init={self.init}: a scalar or per-sample metaparameter takes one number (values per "
-                "example are meta.values with meta.method=fixed)"
-            )
-        if isinstance(self.init, list) and len(self.init) != math.prod(self.shape):
-            raise ValueError(
-                f"init has {len(self.init)} numbers; shape {self.shape} takes one number or "
-                f"{math.prod(self.shape)}, one per entry in row-major order"
-            )
-        inits = (
-            self.init if isinstance(self.init, list) else [] if self.init is None else [self.init]
-        )
+        if isinstance(self.init, list):
+            if self.per_sample or not self.shape:
+                raise ValueError(
+                    f"init={self.init}: a scalar or per-sample metaparameter takes one number (values "
+                    "per example are meta.values with meta.method=fixed)"
+                )
+            if len(self.init) != math.prod(self.shape):
+                raise ValueError(
+                    f"init has {len(self.init)} numbers; shape {self.shape} takes one number or "
+                    f"{math.prod(self.shape)}, one per entry in row-major order"
+                )
+            inits = self.init
+        else:
+            inits = [] if self.init is None else [self.init]
         if self.constraint == "sigmoid" and not all(self.lo < v < self.hi for v in inits):
             raise ValueError(f"init={self.init} is outside the open range ({self.lo}, {self.hi})")
         return self
