@@ -9,7 +9,12 @@ Its early-stopped test accuracy measures what perfect noise detection buys a per
 the searcher's best scalar λ in this protocol (a yardstick, not a proof: a learned form may also weight clean
 examples unevenly).
 
-    python benchmarks/noise_oracle.py OUT [--share 0.5] [--temperature 1] [--seed 0] [--rate 0.4]
+With ``--drop`` a flipped example gets β1ᵢ = β2ᵢ = DROPPED (1e-6: no weight on either term, the data
+reweighting of Ren et al. 2018 and Meta-Weight-Net at its ideal) and the weights are not normalized (a
+clean example's sum is 1 either way): that measures whether the teacher's targets on the flipped examples,
+learned from those same noisy labels, are what holds the student back. Row ``oracle-s<SHARE>-T<T>-drop``.
+
+    python benchmarks/noise_oracle.py OUT [--share 0.5] [--temperature 1] [--seed 0] [--rate 0.4] [--drop]
     python benchmarks/noise_table.py OUT --rows grid,oracle-s0.5-T1    # its row: oracle-s<SHARE>-T<T>
 
 OUT is the study's directory (benchmarks/noise_study.sh): its teacher.pt is used and the run goes to
@@ -32,6 +37,7 @@ from metakd.data import load_data
 from metakd.runs.config import load_config
 
 FLIPPED_BETA1 = 0.001
+DROPPED = 1e-6  # --drop: both weights of a flipped example (the sigmoid's range excludes 0)
 
 
 def main() -> None:
@@ -45,6 +51,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.4)
     ap.add_argument("--kind", default="symmetric")
     ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--drop", action="store_true", help="a flipped example gets no weight at all")
     args = ap.parse_args()
 
     data = [
@@ -52,7 +59,7 @@ def main() -> None:
         f"data.label_noise.rate={args.rate}",
         f"data.label_noise.kind={args.kind}",
     ]
-    name = f"oracle-s{args.share:g}-T{args.temperature:g}"
+    name = f"oracle-s{args.share:g}-T{args.temperature:g}" + ("-drop" if args.drop else "")
     run = args.out / name / f"seed-{args.seed}"
     if (run / "config.yaml").is_file():
         cmd = ["metakd", "train", "--resume", str(run), "-q"]
@@ -61,12 +68,16 @@ def main() -> None:
             *data, f"teacher.checkpoint={args.out / 'teacher.pt'}", f"seed={args.seed}",
             f"train.epochs={args.epochs}", "device=cpu", "wandb.mode=disabled", "meta.method=fixed",
             "meta.params.beta1.per_sample=true", "meta.params.beta2.per_sample=true",
-            "train.normalize_weights=true", f"meta.values.temperature={args.temperature}",
+            f"train.normalize_weights={not args.drop}", f"meta.values.temperature={args.temperature}",
         ]  # fmt: skip
         cfg = load_config("configs/cifar10.yaml", overrides)
         flipped = load_data(cfg.data, cfg.seed, "cpu").flipped["train"]
         beta1 = [FLIPPED_BETA1 if f else args.share for f in flipped.tolist()]
-        values = {**cfg.meta.values, "beta1": beta1, "beta2": [1.0 - b for b in beta1]}
+        beta2 = [1.0 - b for b in beta1]
+        if args.drop:
+            beta1 = [DROPPED if f else b for f, b in zip(flipped.tolist(), beta1, strict=True)]
+            beta2 = [DROPPED if f else b for f, b in zip(flipped.tolist(), beta2, strict=True)]
+        values = {**cfg.meta.values, "beta1": beta1, "beta2": beta2}
         # the whole config as one file: N-entry meta.values lists do not fit on a command line
         config = args.out / f"{name}-seed-{args.seed}.yaml"
         dumped = cfg.model_dump(mode="json")
