@@ -31,6 +31,7 @@
 #           differs from kd only by the per_sample_kd path (its small random spread, the undetached ℓᵢ signal)
 #   mwn50w  mwn10w with a 50-step horizon (a meta step every 50 steps, meta Adam 0.05: the same lr per step
 #           as mwn10w's 0.01 every 10): whether a longer look-ahead keeps the network near KD's λ
+#   mwn100w mwn10w with a 100-step horizon (every 100, meta Adam 0.1): does the trend of mwn50w go on
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
 #           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
 #           best clean-validation accuracy at any epoch (early-stopped, as every row)
@@ -80,8 +81,9 @@ meta.params.mwn_b2.init=[-4.595,4.595]" ;;
     mwn10wd) echo "$(row_args mwn10w) objective_kwargs.detach=true" ;;
     mwn10wf) echo "$(row_args mwn10w) meta.lr=1e-12" ;;
     mwn50w) echo "$(row_args mwn10w) meta.unroll=50 meta.every=50 meta.lr=0.05" ;;
+    mwn100w) echo "$(row_args mwn10w) meta.unroll=100 meta.every=100 meta.lr=0.1" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd mwn10wf mwn50w grid tpe)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd mwn10wf mwn50w mwn100w grid tpe)" >&2; return 2 ;;
   esac
 }
 
