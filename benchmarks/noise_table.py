@@ -1,6 +1,7 @@
 """The table of issue 32's study from the run directories of benchmarks/noise_study.sh.
 
     python benchmarks/noise_table.py OUT [--rows ce,kd,grid,tpe,scalar,free,mwn] [--figure acc.png]
+    python benchmarks/noise_table.py OUT1 OUT2 ... [--rows ce,kd,grid,mwn10]    # one column per condition
 
 One row per study row (``OUT/<row>/seed-<s>/``): seeds finished, the final test accuracy and the
 **early-stopped** one (the test accuracy at the epoch of the best accuracy on the clean validation set,
@@ -13,6 +14,10 @@ row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with th
 accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
 not used. ``--figure`` draws early-stopped test accuracy against compute: each seed a faint dot, each row's
 mean ± standard deviation a marker with error bars.
+
+With several OUTs (the study's conditions: ``runs/noise0 runs/noise20 runs/noise40 ...``) it prints one
+table instead, a column per condition: each row's early-stopped test accuracy, mean ± std over its finished
+seeds (n), and its mean cost in plain runs.
 """
 
 from __future__ import annotations
@@ -124,6 +129,43 @@ def best_trial(study: Path, trials: bool = False) -> tuple[float, float, float, 
     return None if best is None else (best[0], best[1], cost, n)
 
 
+def _cost(summary: dict) -> float | None:
+    """A run's ledger cost in plain runs (``summary.json`` ``cost.plain_runs``); a cross-entropy run costs 1
+    plain run by definition."""
+    cost = summary.get("cost")
+    c = cost.get("plain_runs") if isinstance(cost, dict) else None
+    if c is None and summary.get("method") == "baseline":
+        return 1.0
+    return None if c is None else float(c)
+
+
+def accuracies(out: Path, row: str) -> list[tuple[float, float]]:
+    """(early-stopped test accuracy, cost in plain runs) of each finished seed of ``OUT/row``: a searcher's
+    best trial by clean validation accuracy and its study's cost, or a run (cross-entropy costs 1)."""
+    found = []
+    for run in sorted((out / row).glob("seed-*")):
+        if (run / "trials").is_dir():
+            b = best_trial(run) if finished(run) else None
+            if b is not None:
+                found.append((b[0], b[2]))
+        elif (s := completed(run)) is not None:
+            found.append((early_stopped(run)[0], _cost(s) or 1.0))
+    return found
+
+
+def by_condition(outs: list[Path], rows: list[str]) -> None:
+    """The condition table: a row per study row, a column per OUT (its directory name)."""
+    print("| row | " + " | ".join(out.name for out in outs) + " |")
+    print("|---|" + "---:|" * len(outs))
+    for row in rows:
+        cells = []
+        for out in outs:
+            found = accuracies(out, row)
+            cost = f", {statistics.mean(c for _, c in found):.1f} runs" if found else ""
+            cells.append(f"{_fmt([a for a, _ in found])} (n={len(found)}{cost})" if found else "–")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
 def _fmt(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
@@ -137,7 +179,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", type=Path)
+    parser.add_argument(
+        "out", type=Path, nargs="+", help="the study's directory; several: by condition"
+    )
     parser.add_argument("--trials", action="store_true", help="also each grid trial's line")
     parser.add_argument("--rows", default="ce,kd,grid,tpe,scalar,free,freewarm,mwn,mwn10")
     parser.add_argument(
@@ -148,6 +192,10 @@ def main() -> None:
         help="after the table, each per-sample run's β1 share percentiles 1 / 50 / 99 over all examples",
     )  # fmt: skip
     args = parser.parse_args()
+    if len(args.out) > 1:
+        by_condition(args.out, args.rows.split(","))
+        return
+    args.out = args.out[0]
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels | final β1 share clean / flipped "
@@ -184,9 +232,7 @@ def main() -> None:
             epochs.append(str(epoch))
             final.append(float(s["test_accuracy"]))
             wall.append(float(s["wall_seconds"]) / 60)
-            c = (s.get("cost") or {}).get("plain_runs") if isinstance(s.get("cost"), dict) else None
-            if c is None and s.get("method") == "baseline":  # 1 plain run by definition
-                c = 1.0
+            c = _cost(s)
             if c:
                 cost.append(float(c))
             points.setdefault(row, []).append((float(c or 1.0), acc))

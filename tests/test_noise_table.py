@@ -110,3 +110,34 @@ def test_spread_prints_the_share_percentiles_of_all_examples(tmp_path):
     assert line == "free seed-0: β1 share percentiles 1 / 50 / 99: " + " / ".join(
         f"{v:.4f}" for v in want
     )
+
+
+def test_several_outs_give_one_column_per_condition(tmp_path):
+    """Several OUTs: each row's early-stopped test accuracy per condition (mean ± std over finished seeds),
+    with n and the mean cost; a searcher counts its best trial and its whole study's cost, a cross-entropy
+    run 1 plain run without a ledger entry, an unfinished study nothing."""
+    a, b = tmp_path / "noise0", tmp_path / "noise20"
+    _run(a / "kd" / "seed-0", [(0.60, 0.62), (0.58, 0.70)], cost=1.0)  # best val at epoch 1: 0.62
+    _run(b / "kd" / "seed-0", [(0.50, 0.51)], cost=1.0)
+    _run(b / "kd" / "seed-1", [(0.50, 0.53)], cost=1.6)
+    ce = b / "ce" / "seed-0"
+    _run(ce, [(0.40, 0.44)])
+    summary = json.loads((ce / "summary.json").read_text())
+    summary.pop("cost")
+    summary["method"] = "baseline"
+    (ce / "summary.json").write_text(json.dumps(summary))
+    _study(a / "grid" / "seed-0", [[(0.60, 0.58)], [(0.62, 0.61)]], budget=2)
+    _study(b / "grid" / "seed-0", [[(0.60, 0.58)]], budget=2)  # unfinished
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_table.py"), str(a), str(b),
+         "--rows", "ce,kd,grid"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| row | noise0 | noise20 |"
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+    }
+    assert rows["ce"] == ["–", "0.4400 (n=1, 1.0 runs)"]
+    assert rows["kd"] == ["0.6200 (n=1, 1.0 runs)", "0.5200 ± 0.0141 (n=2, 1.3 runs)"]
+    assert rows["grid"] == ["0.6100 (n=1, 2.0 runs)", "–"]
