@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/noise_study.sh OUT [RATE] [KIND] [SEEDS]
 #   ROWS="ce kd grid tpe scalar free mwn" JOBS=2 EPOCHS=100 TEACHER_EPOCHS=20 bash benchmarks/noise_study.sh ...
+#   TEACHER_ARGS="data.augment=false" TEACHER_EPOCHS=60 bash benchmarks/noise_study.sh runs/noise40m ...
+#                 # more overrides for the teacher's training (here: one that memorises the noisy labels)
 #   python benchmarks/noise_table.py OUT        # the table: early-stopped test accuracy, cost, AUROC
 #
 # Rows (every meta key set here, so meta.preset does not apply):
@@ -57,7 +59,7 @@ if [ ! -f "$OUT/teacher.pt" ]; then
   echo "teacher: $TEACHER_EPOCHS epochs on the training labels ($KIND noise, rate $RATE) -> $OUT/teacher.pt" >&2
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=${TEACHER_THREADS:-2} $METAKD teacher configs/teacher_tiny.yaml $DATA teacher.epochs="$TEACHER_EPOCHS" \
-    --out "$OUT/teacher.pt" --device cpu
+    ${TEACHER_ARGS:-} --out "$OUT/teacher.pt" --device cpu
 fi
 
 row_args() {
