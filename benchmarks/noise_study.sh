@@ -34,6 +34,8 @@
 #   mwn50w  mwn10w with a 50-step horizon (a meta step every 50 steps, meta Adam 0.05: the same lr per step
 #           as mwn10w's 0.01 every 10): whether a longer look-ahead keeps the network near KD's λ
 #   mwn100w mwn10w with a 100-step horizon (every 100, meta Adam 0.1): does the trend of mwn50w go on
+#   u-s<S>-T<T>  one fixed λ for every example: β1 share S, T, normalized weights (u-s0.1-T1 is the uniform
+#           counterpart of `noise_oracle.py --share 0.1 --temperature 1`: what detection adds at that λ)
 #   grid    the searcher: `metakd search --sampler grid`, 9 fixed-λ trials (β1 share {0.01, 0.1, 0.5} ×
 #           T {1, 4, 8}, normalized weights), two worker processes; noise_table.py picks the trial with the
 #           best clean-validation accuracy at any epoch (early-stopped, as every row)
@@ -85,7 +87,12 @@ meta.params.mwn_b2.init=[-4.595,4.595]" ;;
     mwn50w) echo "$(row_args mwn10w) meta.unroll=50 meta.every=50 meta.lr=0.05" ;;
     mwn100w) echo "$(row_args mwn10w) meta.unroll=100 meta.every=100 meta.lr=0.1" ;;
     mwn) echo "meta.method=hypergrad objective=per_sample_kd meta.unroll=1 meta.every=1 meta.lr=0.001" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd mwn10wf mwn50w mwn100w grid tpe)" >&2; return 2 ;;
+    u-s*-T*)  # one fixed λ for every example (normalized): the uniform counterpart of noise_oracle.py's rows
+      local share=${1#u-s} t=${1##*-T}
+      share=${share%%-T*}
+      echo "meta.method=fixed meta.values.beta1=$share meta.values.beta2=$(awk "BEGIN{print 1-$share}") \
+meta.values.temperature=$t train.normalize_weights=true" ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wd mwn10wf mwn50w mwn100w u-s<S>-T<T> grid tpe)" >&2; return 2 ;;
   esac
 }
 
