@@ -12,7 +12,10 @@ label gets a lower β1 than every clean one, 0.5: chance), the mean final β1 sh
 clean and the flipped examples (with per-sample β1 and β2) and the final T. Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation
 accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
-not used. ``--figure`` draws early-stopped test accuracy against compute: each seed a faint dot, each row's
+not used. ``--pick NAME=ROW+ROW+...`` adds a searcher's row put together from fixed-λ rows run one by
+one (``u-s<S>-T<T>``, the same runs a ``metakd search`` trial makes): per seed, the member run with the
+best clean-validation accuracy, at the sum of the members' costs; a seed missing a member is not used.
+``--figure`` draws early-stopped test accuracy against compute: each seed a faint dot, each row's
 mean ± standard deviation a marker with error bars.
 
 With several OUTs (the study's conditions: ``runs/noise0 runs/noise20 runs/noise40 ...``) it prints one
@@ -153,6 +156,29 @@ def accuracies(out: Path, row: str) -> list[tuple[float, float]]:
     return found
 
 
+def picked(out: Path, members: list[str]) -> list[tuple[float, float, float, str]]:
+    """``--pick``'s row: per seed that every member finished, (early-stopped test accuracy, validation
+    accuracy, summed cost in plain runs, the picked member) of the member with the best clean-validation
+    accuracy (the first of equal ones, as :func:`best_trial`)."""
+    seeds = sorted({run.name for m in members for run in (out / m).glob("seed-*")})
+    found = []
+    for seed in seeds:
+        summaries = [completed(out / m / seed) for m in members]
+        if any(s is None for s in summaries):
+            continue
+        best: tuple[float, float, str] | None = None
+        cost = 0.0
+        for m, s in zip(members, summaries, strict=True):
+            assert s is not None
+            cost += _cost(s) or 1.0
+            test, _, val = early_stopped(out / m / seed)
+            if best is None or val > best[1]:
+                best = (test, val, m)
+        assert best is not None
+        found.append((best[0], best[1], cost, best[2]))
+    return found
+
+
 def by_condition(outs: list[Path], rows: list[str]) -> None:
     """The condition table: a row per study row, a column per OUT (its directory name)."""
     print("| row | " + " | ".join(out.name for out in outs) + " |")
@@ -190,6 +216,10 @@ def main() -> None:
     parser.add_argument(
         "--spread", action="store_true",
         help="after the table, each per-sample run's β1 share percentiles 1 / 50 / 99 over all examples",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pick", action="append", default=[], metavar="NAME=ROW+ROW+...",
+        help="a searcher's row put together from fixed-λ rows: per seed the best by clean val (repeatable)",
     )  # fmt: skip
     args = parser.parse_args()
     if len(args.out) > 1:
@@ -257,6 +287,17 @@ def main() -> None:
             f"| {_fmt(final)} "
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
             f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} | {_fmt(temps, 2)} |"
+        )
+    for spec in args.pick:
+        name, _, members = spec.partition("=")
+        picks = picked(args.out, members.split("+"))
+        points[name] = [(c, t) for t, _, c, _ in picks]
+        searchers.append(name)
+        which = "/".join(m for *_, m in picks) or "–"
+        print(
+            f"| {name} (best of {len(members.split('+'))} rows by clean val: {which}) | {len(picks)} "
+            f"| {_fmt([f[0] for f in picks])} | – | {_fmt([f[1] for f in picks])} | – "
+            f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – |"
         )
     if spreads:
         print("\n" + "\n".join(spreads))

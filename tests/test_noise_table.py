@@ -141,3 +141,25 @@ def test_several_outs_give_one_column_per_condition(tmp_path):
     assert rows["ce"] == ["–", "0.4400 (n=1, 1.0 runs)"]
     assert rows["kd"] == ["0.6200 (n=1, 1.0 runs)", "0.5200 ± 0.0141 (n=2, 1.3 runs)"]
     assert rows["grid"] == ["0.6100 (n=1, 2.0 runs)", "–"]
+
+
+def test_pick_puts_a_searcher_together_from_fixed_lambda_rows(tmp_path):
+    """--pick: per seed, the member run with the best clean-validation accuracy at any epoch (its test
+    accuracy at that epoch), at the sum of the members' costs; a seed where a member has not finished is
+    not used."""
+    out = tmp_path / "noise40m"
+    # seed 0: u-a's best val 0.53 (test 0.51), u-b's 0.56 (test 0.47): u-b is picked
+    _run(out / "u-a" / "seed-0", [(0.50, 0.48), (0.53, 0.51)], cost=1.0)
+    _run(out / "u-b" / "seed-0", [(0.56, 0.47), (0.52, 0.55)], cost=1.5)
+    _run(out / "u-a" / "seed-1", [(0.60, 0.60)], cost=1.0)
+    (out / "u-b" / "seed-1").mkdir(parents=True)  # started, not finished: seed 1 is not used
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_table.py"), str(out), "--rows", "u-a",
+         "--pick", "grid2=u-a+u-b"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    line = proc.stdout.strip().splitlines()[-1]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[0] == "grid2 (best of 2 rows by clean val: u-b)"
+    assert cells[1:4] == ["1", "0.4700", "–"] and cells[4] == "0.5600"
+    assert cells[6] == "2.50"
