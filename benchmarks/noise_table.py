@@ -8,7 +8,8 @@ One row per study row (``OUT/<row>/seed-<s>/``): seeds finished, the final test 
 which every row — cross-entropy included — is judged by), the compute in plain runs (the run's ledger
 entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of the same config), and for
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
-label gets a lower β1 than every clean one, 0.5: chance), the mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) of the
+label gets a lower β1 than every clean one, 0.5: chance), the mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) and the
+mean final weight β1ᵢ + β2ᵢ (1 with normalized weights; below 1 an example is turned down as a whole) of the
 clean and the flipped examples (with per-sample β1 and β2) and the final T. Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation
 accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
@@ -80,6 +81,20 @@ def shares(data: dict | None) -> tuple[float, float | None] | None:
     return float(share[~flipped].mean()), float(share[flipped].mean()) if bool(
         flipped.any()
     ) else None
+
+
+def weights(data: dict | None) -> tuple[float, float] | None:
+    """Mean final weight β1ᵢ + β2ᵢ of the clean and of the flipped examples; None without per-sample β1
+    and β2 or without flipped labels."""
+    if (
+        data is None
+        or "beta1" not in data
+        or "beta2" not in data
+        or not bool(data["flipped"].any())
+    ):
+        return None
+    w, flipped = data["beta1"] + data["beta2"], data["flipped"]
+    return float(w[~flipped].mean()), float(w[flipped].mean())
 
 
 def spread(data: dict | None) -> list[float] | None:
@@ -229,9 +244,9 @@ def main() -> None:
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels | final β1 share clean / flipped "
-        "| final T |"
+        "| final β1 + β2 clean / flipped | final T |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     # row -> [(cost, early-stopped test acc)] per seed; the searcher rows among them
     points: dict[str, list[tuple[float, float]]] = {}
     searchers: list[str] = []
@@ -248,13 +263,15 @@ def main() -> None:
             print(
                 f"| {row} (best trial by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
                 f"| {_fmt([b[0] for b in found])} | – | {_fmt([b[1] for b in found])} | – "
-                f"| {_fmt([b[2] for b in found], 2)} | – | – | – | – |"
+                f"| {_fmt([b[2] for b in found], 2)} | – | – | – | – | – |"
             )
             continue
         if not runs:
             continue
         done = [(run, s) for run in runs if (s := completed(run)) is not None]
         early, epochs, vals, final, cost, au, wall, clean, noisy, temps = ([] for _ in range(10))
+        w_clean: list[float] = []
+        w_noisy: list[float] = []
         for run, s in done:
             acc, epoch, val = early_stopped(run)
             early.append(acc)
@@ -279,6 +296,10 @@ def main() -> None:
                 clean.append(sh[0])
                 if sh[1] is not None:
                     noisy.append(sh[1])
+            w = weights(data)
+            if w is not None:
+                w_clean.append(w[0])
+                w_noisy.append(w[1])
             t = (s.get("meta") or {}).get("temperature")
             if isinstance(t, (int, float)):
                 temps.append(float(t))
@@ -286,7 +307,8 @@ def main() -> None:
             f"| {row} | {len(done)}/{len(runs)} | {_fmt(early)} | {', '.join(epochs) or '–'} | {_fmt(vals)} "
             f"| {_fmt(final)} "
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
-            f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} | {_fmt(temps, 2)} |"
+            f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} "
+            f"| {_fmt(w_clean, 3) + ' / ' + _fmt(w_noisy, 3) if w_clean else '–'} | {_fmt(temps, 2)} |"
         )
     for spec in args.pick:
         name, _, members = spec.partition("=")
@@ -297,7 +319,7 @@ def main() -> None:
         print(
             f"| {name} (best of {len(members.split('+'))} rows by clean val: {which}) | {len(picks)} "
             f"| {_fmt([f[0] for f in picks])} | – | {_fmt([f[1] for f in picks])} | – "
-            f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – |"
+            f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – | – |"
         )
     if spreads:
         print("\n" + "\n".join(spreads))

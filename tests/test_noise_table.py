@@ -81,11 +81,17 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     ]  # the best trial's test at its best val; seed 1 not used
     assert grid[5] == "2.00"  # the whole study's cost
     want = roc_auc_score(flipped.numpy(), (-beta1).numpy())
-    assert rows["free"][-3] == f"{want:.3f}" and 0.5 < want < 1.0
+    assert rows["free"][-4] == f"{want:.3f}" and 0.5 < want < 1.0
     clean = (0.9 / 1.45 + 0.5 / 1.25 + 0.8 / 1.4) / 3
     noisy = (0.1 / 1.05 + 0.6 / 1.3 + 0.2 / 1.1) / 3
-    assert rows["free"][-2:] == [f"{clean:.3f} / {noisy:.3f}", "4.50"]
-    assert rows["ce"][-2:] == ["–", "–"]  # no per-sample β, no temperature in its summary
+    # the weights β1 + β2 = 1 + β1/2: clean (0.9, 0.5, 0.8), flipped (0.1, 0.6, 0.2)
+    w_clean, w_noisy = 1 + (0.9 + 0.5 + 0.8) / 6, 1 + (0.1 + 0.6 + 0.2) / 6
+    assert rows["free"][-3:] == [
+        f"{clean:.3f} / {noisy:.3f}",
+        f"{w_clean:.3f} / {w_noisy:.3f}",
+        "4.50",
+    ]
+    assert rows["ce"][-3:] == ["–", "–", "–"]  # no per-sample β, no temperature in its summary
     assert (tmp_path / "acc.png").stat().st_size > 10_000
 
 
