@@ -130,21 +130,32 @@ def best_trial(study: Path, trials: bool = False) -> tuple[float, float, float, 
     """A searcher's row: (early-stopped test accuracy, its validation accuracy, the study's cost in plain
     runs, finished trials) of the trial with the best clean-validation accuracy at any epoch; ``trials``
     prints each trial's line first."""
-    best: tuple[float, float] | None = None
-    cost, n = 0.0, 0
-    for trial in sorted((study / "trials").glob("trial-*")):
-        s = completed(trial)
-        if s is None:
-            continue
-        n += 1
-        cost += float((s.get("cost") or {}).get("plain_runs") or 1.0)
-        test, epoch, val = early_stopped(trial)
-        if trials:
+    done = [
+        (t, s)
+        for t in sorted((study / "trials").glob("trial-*"))
+        if (s := completed(t)) is not None
+    ]
+    if trials:
+        for trial, s in done:
+            test, epoch, val = early_stopped(trial)
             lam = ", ".join(f"{k} {v:.3g}" for k, v in (s.get("meta") or {}).items())
             print(f"|   {trial.name}: {lam} | val {val:.4f} → test {test:.4f} (epoch {epoch}) |")
+    best = _best_by_val(done)
+    return None if best is None else (best[0], best[1], best[2], len(done))
+
+
+def _best_by_val(runs: list[tuple[Path, dict]]) -> tuple[float, float, float, Path] | None:
+    """Of completed runs (directory, summary): the early-stopped test and validation accuracy of the first
+    run with the best clean-validation accuracy, the runs' summed cost in plain runs, and that run; None
+    without runs. A searcher's pick (grid trials, or ``--pick``'s rows)."""
+    best: tuple[float, float, Path] | None = None
+    cost = 0.0
+    for run, s in runs:
+        cost += _cost(s) or 1.0
+        test, _, val = early_stopped(run)
         if best is None or val > best[1]:
-            best = (test, val)
-    return None if best is None else (best[0], best[1], cost, n)
+            best = (test, val, run)
+    return None if best is None else (best[0], best[1], cost, best[2])
 
 
 def _cost(summary: dict) -> float | None:
@@ -178,19 +189,11 @@ def picked(out: Path, members: list[str]) -> list[tuple[float, float, float, str
     seeds = sorted({run.name for m in members for run in (out / m).glob("seed-*")})
     found = []
     for seed in seeds:
-        summaries = [completed(out / m / seed) for m in members]
-        if any(s is None for s in summaries):
-            continue
-        best: tuple[float, float, str] | None = None
-        cost = 0.0
-        for m, s in zip(members, summaries, strict=True):
-            assert s is not None
-            cost += _cost(s) or 1.0
-            test, _, val = early_stopped(out / m / seed)
-            if best is None or val > best[1]:
-                best = (test, val, m)
-        assert best is not None
-        found.append((best[0], best[1], cost, best[2]))
+        runs = [(out / m / seed, completed(out / m / seed)) for m in members]
+        done = [(run, s) for run, s in runs if s is not None]
+        best = _best_by_val(done) if len(done) == len(members) else None
+        if best is not None:
+            found.append((best[0], best[1], best[2], best[3].parent.name))
     return found
 
 
@@ -311,13 +314,14 @@ def main() -> None:
             f"| {_fmt(w_clean, 3) + ' / ' + _fmt(w_noisy, 3) if w_clean else '–'} | {_fmt(temps, 2)} |"
         )
     for spec in args.pick:
-        name, _, members = spec.partition("=")
-        picks = picked(args.out, members.split("+"))
+        name, _, joined = spec.partition("=")
+        members = joined.split("+")
+        picks = picked(args.out, members)
         points[name] = [(c, t) for t, _, c, _ in picks]
         searchers.append(name)
         which = "/".join(m for *_, m in picks) or "–"
         print(
-            f"| {name} (best of {len(members.split('+'))} rows by clean val: {which}) | {len(picks)} "
+            f"| {name} (best of {len(members)} rows by clean val: {which}) | {len(picks)} "
             f"| {_fmt([f[0] for f in picks])} | – | {_fmt([f[1] for f in picks])} | – "
             f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – | – |"
         )
