@@ -130,10 +130,12 @@ def _rel(entry: dict) -> float:
         [*NET, "meta.hypergrad.method=online", "meta.unroll=3"],
         [*NET, "objective_kwargs.per_sample_temperature=true", "meta.unroll=2"],
         [*NET, "train.normalize_weights=true", "train.hinton_scaling=true", "meta.unroll=2"],
+        [*NET, "objective_kwargs.example_weight=true", "train.normalize_weights=true", "meta.unroll=2",
+         "objective_kwargs.init_scale=1.0"],  # larger weights: the example weights differ from the start
         ["objective=per_sample_kd", *SGD1],  # detached loss signal (the published choice): exact at η = 1
     ],
     ids=["free-reverse-adam", "free-forward", "free-online", "net-reverse-adam", "net-forward-sgd",
-         "net-online", "net-temperature", "net-normalized", "net-detached-eta1"],
+         "net-online", "net-temperature", "net-normalized", "net-example-weight", "net-detached-eta1"],
 )  # fmt: skip
 def test_per_sample_hypergradients_match_float64_finite_differences(cache, overrides):
     result = _check(cache, *overrides)
@@ -207,6 +209,43 @@ def test_the_network_objective_reads_train_normalize_weights_and_hinton_scaling(
     assert objectives.build(explicit).normalize_weights is False
 
 
+def test_example_weights_make_the_loss_a_normalized_weighted_mean_of_the_examples_terms():
+    """objective_kwargs.example_weight: L = Σᵢ vᵢ Lᵢ / Σᵢ vᵢ with vᵢ = σ(last output) and Lᵢ the example's
+    normalized eq. 4 term (against the formula); with mwn_w2 = 0 every vᵢ is σ(0) = 0.5 and L is the plain
+    mean, the loss without example weights."""
+    from metakd.training import objectives
+
+    cfg = load_config(None, ["objective=per_sample_kd", "objective_kwargs.example_weight=true",
+                             "train.normalize_weights=true"])  # fmt: skip
+    obj = objectives.build(cfg)
+    assert obj.specs()["mwn_b2"].shape == [3] and obj.specs()["mwn_w2"].shape == [16, 3]
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    y = torch.randint(0, 4, (7,), generator=g)
+    lam = {
+        k: torch.randn(v.shape or [], generator=g, dtype=torch.float64)
+        for k, v in obj.specs().items()
+    }
+    lam["temperature"] = torch.tensor(3.0, dtype=torch.float64)
+    w = obj.weights(s, y, t, lam)
+    assert w["weight"].shape == (7,) and float(w["weight"].std()) > 0
+    hard = torch.nn.functional.cross_entropy(s, y, reduction="none")
+    soft = -(torch.softmax(t / 3.0, -1) * torch.log_softmax(s / 3.0, -1)).sum(-1)
+    per = (w["beta1"] * hard + w["beta2"] * soft) / (w["beta1"] + w["beta2"])
+    torch.testing.assert_close(
+        obj.loss(s, y, t, lam), (w["weight"] * per).sum() / w["weight"].sum()
+    )
+    assert set(obj.per_example(s, y, t, lam)) == {"beta1", "beta2", "weight"}
+    # equal weights (the output's column of W2 and its bias at 0): the plain mean
+    lam["mwn_w2"] = lam["mwn_w2"].clone()
+    lam["mwn_w2"][:, 2] = 0.0
+    lam["mwn_b2"] = torch.tensor([lam["mwn_b2"][0], lam["mwn_b2"][1], 0.0], dtype=torch.float64)
+    w = obj.weights(s, y, t, lam)
+    torch.testing.assert_close(w["weight"], torch.full((7,), 0.5, dtype=torch.float64))
+    per = (w["beta1"] * hard + w["beta2"] * soft) / (w["beta1"] + w["beta2"])
+    torch.testing.assert_close(obj.loss(s, y, t, lam), per.mean())
+
+
 def test_the_network_starts_at_a_chosen_mix_through_a_list_init_of_its_output_bias():
     """meta.params.mwn_b2.init=[logit β1, logit β2] with mwn_w2 = 0 starts every example at (β1, β2): the
     network's output is then σ(b2) whatever the signals (the noise study's warm start, row mwn10w)."""
@@ -268,8 +307,10 @@ def _metakd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["objective=per_sample_kd"], {"beta1", "beta2"}),
         (["objective=per_sample_kd", "objective_kwargs.per_sample_temperature=true"],
          {"beta1", "beta2", "temperature"}),
+        (["objective=per_sample_kd", "objective_kwargs.example_weight=true"],
+         {"beta1", "beta2", "weight"}),
     ],
-    ids=["free", "network", "network-temperature"],
+    ids=["free", "network", "network-temperature", "network-example-weight"],
 )  # fmt: skip
 def test_a_run_from_the_command_line_writes_per_sample_pt(tmp_path, form, keys):
     out = tmp_path / "run"

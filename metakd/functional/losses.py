@@ -87,11 +87,14 @@ def _column(v: Tensor | float) -> Tensor | float:
 def distillation_loss_per_sample(
     s: Tensor, y: Tensor, t: Tensor, *, beta1: Tensor | float, beta2: Tensor | float,
     temperature: Tensor | float, hinton_scaling: bool = False, normalize_weights: bool = False,
+    sample_weight: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Eq. 4 with per-sample β1_i, β2_i, T_i (each (B,) or a scalar), averaged over the batch:
-    mean_i [β1_i·CE_i + β2_i·c_i·CE(softmax(t_i/T_i), softmax(s_i/T_i))] (c_i = T_i² with
-    ``hinton_scaling``; each term / (β1_i + β2_i) with ``normalize_weights``). A per-class
-    metaparameter λ of shape (K,) enters as λ[y] (:mod:`metakd.training.objectives`)."""
+    mean_i L_i, L_i = β1_i·CE_i + β2_i·c_i·CE(softmax(t_i/T_i), softmax(s_i/T_i)) (c_i = T_i² with
+    ``hinton_scaling``; L_i / (β1_i + β2_i) with ``normalize_weights``). With ``sample_weight`` v (B,),
+    v_i > 0, the weighted mean Σ_i v_i·L_i / Σ_i v_i instead (Meta-Weight-Net's per-batch normalization;
+    equal v_i give the plain mean). A per-class metaparameter λ of shape (K,) enters as λ[y]
+    (:mod:`metakd.training.objectives`)."""
     _same_shape(s, t)
     tt = _column(temperature)
     hard = F.cross_entropy(s, y, reduction="none")  # (B,)
@@ -99,7 +102,11 @@ def distillation_loss_per_sample(
     if hinton_scaling:
         soft = soft * temperature**2
     loss = beta1 * hard + beta2 * soft
-    return (loss / (beta1 + beta2) if normalize_weights else loss).mean()
+    if normalize_weights:
+        loss = loss / (beta1 + beta2)
+    if sample_weight is None:
+        return loss.mean()
+    return (sample_weight * loss).sum() / sample_weight.sum()
 
 
 def dkd_loss(
