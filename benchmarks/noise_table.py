@@ -10,7 +10,8 @@ entry, ``summary.json`` ``cost.plain_runs``: wall time over a fixed-λ run's of 
 per-sample rows the AUROC of ``-β1`` for finding the flipped labels (``per_sample.pt``; 1: every flipped
 label gets a lower β1 than every clean one, 0.5: chance), the mean final β1 share β1ᵢ/(β1ᵢ + β2ᵢ) and the
 mean final weight β1ᵢ + β2ᵢ (1 with normalized weights; below 1 an example is turned down as a whole) of the
-clean and the flipped examples (with per-sample β1 and β2) and the final T. Unfinished runs are counted, not used. A searcher's
+clean and the flipped examples (with per-sample β1 and β2), the final T, and a network's example weights vᵢ
+(``objective_kwargs.example_weight``: clean and flipped means, AUROC of −vᵢ). Unfinished runs are counted, not used. A searcher's
 row (``grid``, ``tpe``: a ``metakd search`` study per seed) is its trial with the best clean-validation
 accuracy, and its cost is the whole study's; a study that does not yet hold its budget of trials is counted,
 not used. ``--pick NAME=ROW+ROW+...`` adds a searcher's row put together from fixed-λ rows run one by
@@ -95,6 +96,17 @@ def weights(data: dict | None) -> tuple[float, float] | None:
         return None
     w, flipped = data["beta1"] + data["beta2"], data["flipped"]
     return float(w[~flipped].mean()), float(w[flipped].mean())
+
+
+def example_weights(data: dict | None) -> tuple[float, float, float] | None:
+    """A meta-weight network's example weights vᵢ (``objective_kwargs.example_weight``, before the
+    per-batch normalization): mean of the clean and of the flipped examples, and the AUROC of −vᵢ for the
+    flipped labels; None without them or without flipped labels."""
+    if data is None or "weight" not in data or not bool(data["flipped"].any()):
+        return None
+    v, flipped = data["weight"], data["flipped"]
+    a = float(roc_auc_score(flipped.numpy(), (-v).numpy()))
+    return float(v[~flipped].mean()), float(v[flipped].mean()), a
 
 
 def spread(data: dict | None) -> list[float] | None:
@@ -247,9 +259,9 @@ def main() -> None:
     print(
         "| row | seeds (done/started) | early-stopped test acc | (epoch) | best clean val acc | final test acc "
         "| cost (plain runs) | wall min | AUROC of −β1 for flipped labels | final β1 share clean / flipped "
-        "| final β1 + β2 clean / flipped | final T |"
+        "| final β1 + β2 clean / flipped | final T | example weight vᵢ clean / flipped (AUROC of −vᵢ) |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     # row -> [(cost, early-stopped test acc)] per seed; the searcher rows among them
     points: dict[str, list[tuple[float, float]]] = {}
     searchers: list[str] = []
@@ -266,7 +278,7 @@ def main() -> None:
             print(
                 f"| {row} (best trial by clean val) | {len(found)}/{len(runs)} (trials {trials or 0}) "
                 f"| {_fmt([b[0] for b in found])} | – | {_fmt([b[1] for b in found])} | – "
-                f"| {_fmt([b[2] for b in found], 2)} | – | – | – | – | – |"
+                f"| {_fmt([b[2] for b in found], 2)} | – | – | – | – | – | – |"
             )
             continue
         if not runs:
@@ -275,6 +287,9 @@ def main() -> None:
         early, epochs, vals, final, cost, au, wall, clean, noisy, temps = ([] for _ in range(10))
         w_clean: list[float] = []
         w_noisy: list[float] = []
+        v_clean: list[float] = []  # example weights, their flipped mean and AUROC
+        v_noisy: list[float] = []
+        v_au: list[float] = []
         for run, s in done:
             acc, epoch, val = early_stopped(run)
             early.append(acc)
@@ -303,6 +318,11 @@ def main() -> None:
             if w is not None:
                 w_clean.append(w[0])
                 w_noisy.append(w[1])
+            v = example_weights(data)
+            if v is not None:
+                v_clean.append(v[0])
+                v_noisy.append(v[1])
+                v_au.append(v[2])
             t = (s.get("meta") or {}).get("temperature")
             if isinstance(t, (int, float)):
                 temps.append(float(t))
@@ -311,7 +331,8 @@ def main() -> None:
             f"| {_fmt(final)} "
             f"| {_fmt(cost, 2)} | {_fmt(wall, 1)} | {_fmt(au, 3)} "
             f"| {_fmt(clean, 3) + ' / ' + _fmt(noisy, 3) if clean else '–'} "
-            f"| {_fmt(w_clean, 3) + ' / ' + _fmt(w_noisy, 3) if w_clean else '–'} | {_fmt(temps, 2)} |"
+            f"| {_fmt(w_clean, 3) + ' / ' + _fmt(w_noisy, 3) if w_clean else '–'} | {_fmt(temps, 2)} "
+            f"| {f'{_fmt(v_clean, 3)} / {_fmt(v_noisy, 3)} ({_fmt(v_au, 3)})' if v_clean else '–'} |"
         )
     for spec in args.pick:
         name, _, joined = spec.partition("=")
@@ -323,7 +344,7 @@ def main() -> None:
         print(
             f"| {name} (best of {len(members)} rows by clean val: {which}) | {len(picks)} "
             f"| {_fmt([f[0] for f in picks])} | – | {_fmt([f[1] for f in picks])} | – "
-            f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – | – |"
+            f"| {_fmt([f[2] for f in picks], 2)} | – | – | – | – | – | – |"
         )
     if spreads:
         print("\n" + "\n".join(spreads))

@@ -1,7 +1,8 @@
 """benchmarks/noise_table.py, the table of issue 32's study, on run directories written here by hand: the
 early-stopped test accuracy (at the best clean-validation epoch), a searcher's best trial over finished studies
 only, the AUROC of −β1 for the flipped labels (against scikit-learn's on the same scores), the mean β1 shares of
-clean and flipped examples (against the closed form), the final T, and the figure."""
+clean and flipped examples (against the closed form), the final T, a network's example weights (by hand) and
+the figure."""
 
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     beta2 = (
         1.0 - beta1 / 2
     )  # shares β1/(β1 + β2): clean 0.9/1.45, 0.5/1.25, 0.8/1.4; flipped 0.1/1.05, 0.6/1.3, 0.2/1.1
+    weight = torch.tensor(
+        [0.2, 0.7, 0.4, 0.3, 0.9, 0.5]
+    )  # example weights vᵢ (one flipped 0.4 > 0.3)
     torch.save(
-        {"flipped": flipped, "beta1": beta1, "beta2": beta2},
+        {"flipped": flipped, "beta1": beta1, "beta2": beta2, "weight": weight},
         out / "free" / "seed-0" / "per_sample.pt",
     )
     _study(out / "grid" / "seed-0", [[(0.60, 0.58)], [(0.62, 0.61), (0.61, 0.65)]], budget=2)
@@ -81,17 +85,25 @@ def test_the_table_early_stops_uses_finished_studies_only_and_scores_the_noise(t
     ]  # the best trial's test at its best val; seed 1 not used
     assert grid[5] == "2.00"  # the whole study's cost
     want = roc_auc_score(flipped.numpy(), (-beta1).numpy())
-    assert rows["free"][-4] == f"{want:.3f}" and 0.5 < want < 1.0
+    assert rows["free"][-5] == f"{want:.3f}" and 0.5 < want < 1.0
     clean = (0.9 / 1.45 + 0.5 / 1.25 + 0.8 / 1.4) / 3
     noisy = (0.1 / 1.05 + 0.6 / 1.3 + 0.2 / 1.1) / 3
     # the weights β1 + β2 = 1 + β1/2: clean (0.9, 0.5, 0.8), flipped (0.1, 0.6, 0.2)
     w_clean, w_noisy = 1 + (0.9 + 0.5 + 0.8) / 6, 1 + (0.1 + 0.6 + 0.2) / 6
-    assert rows["free"][-3:] == [
+    assert rows["free"][-4:-1] == [
         f"{clean:.3f} / {noisy:.3f}",
         f"{w_clean:.3f} / {w_noisy:.3f}",
         "4.50",
     ]
-    assert rows["ce"][-3:] == ["–", "–", "–"]  # no per-sample β, no temperature in its summary
+    # example weights: clean (0.7, 0.3, 0.9), flipped (0.2, 0.4, 0.5); AUROC of −vᵢ: of the 9 (flipped,
+    # clean) pairs the flipped one is lower in all but (0.4, 0.3) and (0.5, 0.3): 7/9
+    assert rows["free"][-1] == f"{1.9 / 3:.3f} / {1.1 / 3:.3f} ({7 / 9:.3f})"
+    assert rows["ce"][-4:] == [
+        "–",
+        "–",
+        "–",
+        "–",
+    ]  # no per-sample β or v, no temperature in its summary
     assert (tmp_path / "acc.png").stat().st_size > 10_000
 
 
