@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 __all__ = ["launch", "peer_loss_exits", "rank", "without_nproc"]
@@ -76,9 +76,29 @@ def _how(failure: object) -> str:
     return f"exited with code {code}"
 
 
+def _knock_on(failure: object) -> bool:
+    """A failure a peer's death causes: exit code 1 (:func:`peer_loss_exits`) or SIGABRT (gloo's C++
+    threads call std::terminate when a connection drops before the rank's Python sees it)."""
+    code = int(getattr(failure, "exitcode", 1))
+    return code == 1 or code == -signal.SIGABRT
+
+
+def first_failure(failures: Mapping[int, object]) -> str:
+    """One line for torchrun's failed ranks ({rank: ProcessFailure}): the rank whose failure is not a
+    knock-on of another's (:func:`_knock_on`) and, among those, the earliest (timestamps are whole
+    seconds, so a survivor's abort often ties with the rank that died; rank order breaks no tie)."""
+    ordered = sorted(
+        failures.items(),
+        key=lambda kv: (_knock_on(kv[1]), getattr(kv[1], "timestamp", 0)),
+    )
+    first, failure = ordered[0]
+    others = f" ({len(ordered) - 1} more rank(s) stopped)" if len(ordered) > 1 else ""
+    return f"rank {first} (pid {getattr(failure, 'pid', '?')}) {_how(failure)}{others}"
+
+
 def launch(nproc: int, argv: Sequence[str]) -> str | None:
     """Run ``python -m metakd_cli.main *argv`` on ``nproc`` local ranks and wait; None when every rank
-    finished, else one line saying which rank failed first and how."""
+    finished, else one line saying which rank failed first and how (:func:`first_failure`)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -94,11 +114,7 @@ def launch(nproc: int, argv: Sequence[str]) -> str | None:
     try:
         run(args)
     except ChildFailedError as exc:
-        failures = sorted(exc.failures.items(), key=lambda kv: getattr(kv[1], "timestamp", 0))
-        first, failure = failures[0]
-        others = f" ({len(failures) - 1} more rank(s) stopped)" if len(failures) > 1 else ""
-        pid = getattr(failure, "pid", "?")
-        return f"rank {first} (pid {pid}) {_how(failure)}{others}"
+        return first_failure(exc.failures)
     finally:
         sys.stdout.flush()
     return None

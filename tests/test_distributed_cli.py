@@ -118,3 +118,26 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_resume_finishes_it(two_ranks
     final_b = torch.load(out / "checkpoints" / "epoch-00120.pt", weights_only=True)["trainer"]
     for name, w in final_a["model"].items():
         assert torch.equal(final_b["model"][name], w), name
+
+
+def test_the_failure_line_names_the_rank_that_died_not_the_survivor_it_aborted(tmp_path) -> None:
+    """torchrun records failures with whole-second timestamps, so a survivor's gloo abort (SIGABRT) or
+    peer-loss exit (code 1) often ties with the rank that was killed: the line names the killed rank,
+    whatever the rank order; with knock-on failures only, the earliest one (torch's ProcessFailure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from metakd_cli.launch import first_failure
+
+    def failure(rank: int, pid: int, code: int, timestamp: int) -> ProcessFailure:
+        f = ProcessFailure(rank, pid, code, str(tmp_path / f"missing-{rank}.json"))
+        f.timestamp = timestamp
+        return f
+
+    aborted, killed = failure(0, 100, -signal.SIGABRT, 50), failure(1, 101, -signal.SIGKILL, 50)
+    line = "rank 1 (pid 101) was killed by SIGKILL (1 more rank(s) stopped)"
+    assert first_failure({0: aborted, 1: killed}) == line
+    assert first_failure({0: aborted, 1: failure(1, 101, -signal.SIGKILL, 51)}) == line
+    assert first_failure({1: killed}) == "rank 1 (pid 101) was killed by SIGKILL"
+    # a user error on rank 1 (exit 1) and the peer it stopped (exit 1): the earlier one
+    knocks = {0: failure(0, 100, 1, 52), 1: failure(1, 101, 1, 51)}
+    assert first_failure(knocks) == "rank 1 (pid 101) exited with code 1 (1 more rank(s) stopped)"
