@@ -142,6 +142,20 @@ def test_runs_of_distinct_seeds_keep_their_count() -> None:
     assert "not a spread over seeds" in md
 
 
+def test_a_metaparameter_of_different_shapes_across_runs_is_not_averaged() -> None:
+    """Two network sizes under one method (objective_kwargs.example_weight adds an output): their
+    [2, 2] and [2, 3] weights have no mean; the scalar T still does."""
+    rows = aggregate(
+        [
+            {"method": "hypergrad", "seed": 0, "meta": {"w": [[1.0, 2.0], [3.0, 4.0]], "temperature": 2.0}},
+            {"method": "hypergrad", "seed": 1, "meta": {"w": [[1.0, 2.0, 0.5], [3.0, 4.0, 0.5]], "temperature": 4.0}},
+        ]
+    )  # fmt: skip
+    assert rows[0]["meta_mean"] == {"w": None, "temperature": 3.0}
+    assert rows[0]["meta_std"]["w"] is None
+    assert "hypergrad | 2 |" in results_markdown(rows)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_report_says_run_or_runs(tmp_path: Path, n: int) -> None:
     for s in range(n):

@@ -10,12 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from metakd.reporting.loading import _method_key, method_of
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "STAT_KEYS",
@@ -55,7 +58,8 @@ def aggregate(summaries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per method (see :func:`method_of`), in :data:`METHOD_ORDER`: ``n``, ``seeds``, and
     ``<key>_mean`` / ``<key>_std`` for each of :data:`STAT_KEYS` (mean and sample std, ddof=1, over
     the runs that report the key; std is None with one run), ``best_test_accuracy_max``, and
-    ``meta_mean`` / ``meta_std`` ({name: value}) of the final constrained λ."""
+    ``meta_mean`` / ``meta_std`` ({name: value}) of the final constrained λ (None for a λ whose shape
+    differs across the method's runs, e.g. meta-weight networks with and without an example weight)."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for s in summaries:
         groups.setdefault(method_of(s), []).append(s)
@@ -78,6 +82,14 @@ def aggregate(summaries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row["meta_mean"], row["meta_std"] = {}, {}
         for name in names:
             values = [s["meta"][name] for s in runs if (s.get("meta") or {}).get(name) is not None]
+            shapes = {np.shape(v) for v in values}
+            if len(shapes) > 1:  # e.g. two network sizes under one method: no mean of them
+                log.warning(
+                    "%s: λ %r has shapes %s across its runs; not averaged",
+                    method, name, sorted(shapes),
+                )  # fmt: skip
+                row["meta_mean"][name] = row["meta_std"][name] = None
+                continue
             row["meta_mean"][name], row["meta_std"][name] = _mean_std(values)
         table.append(row)
     return table
