@@ -176,6 +176,19 @@ def test_only_the_unrolled_batchs_entries_get_a_hypergradient(cache):
     assert np.abs(hg - fd).max() / np.abs(fd).max() < 1e-4
 
 
+def _network_inputs(obj, n: int, temperature: float) -> tuple:
+    """Seeded float64 (student logits (n, 4), labels (n,), teacher logits (n, 4), λ of obj's specs)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(n, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    y = torch.randint(0, 4, (n,), generator=g)
+    lam = {
+        k: torch.randn(v.shape or [], generator=g, dtype=torch.float64)
+        for k, v in obj.specs().items()
+    }
+    lam["temperature"] = torch.tensor(temperature, dtype=torch.float64)
+    return s, y, t, lam
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_the_network_objective_reads_train_normalize_weights_and_hinton_scaling(normalize):
     """train.normalize_weights / train.hinton_scaling reach objective=per_sample_kd as they reach
@@ -186,17 +199,7 @@ def test_the_network_objective_reads_train_normalize_weights_and_hinton_scaling(
                              "train.hinton_scaling=true"])  # fmt: skip
     obj = objectives.build(cfg)
     assert (obj.normalize_weights, obj.hinton_scaling) == (normalize, True)
-    g = torch.Generator().manual_seed(0)
-    s, t = (
-        torch.randn(6, 4, generator=g, dtype=torch.float64),
-        torch.randn(6, 4, generator=g, dtype=torch.float64),
-    )
-    y = torch.randint(0, 4, (6,), generator=g)
-    lam = {
-        k: torch.randn(v.shape or [], generator=g, dtype=torch.float64)
-        for k, v in obj.specs().items()
-    }
-    lam["temperature"] = torch.tensor(2.5, dtype=torch.float64)
+    s, y, t, lam = _network_inputs(obj, 6, temperature=2.5)
     w = obj.weights(s, y, t, lam)
     hard = torch.nn.functional.cross_entropy(s, y, reduction="none")
     soft = -(torch.softmax(t / 2.5, -1) * torch.log_softmax(s / 2.5, -1)).sum(-1) * 2.5**2
@@ -219,14 +222,7 @@ def test_example_weights_make_the_loss_a_normalized_weighted_mean_of_the_example
                              "train.normalize_weights=true"])  # fmt: skip
     obj = objectives.build(cfg)
     assert obj.specs()["mwn_b2"].shape == [3] and obj.specs()["mwn_w2"].shape == [16, 3]
-    g = torch.Generator().manual_seed(0)
-    s, t = (torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    y = torch.randint(0, 4, (7,), generator=g)
-    lam = {
-        k: torch.randn(v.shape or [], generator=g, dtype=torch.float64)
-        for k, v in obj.specs().items()
-    }
-    lam["temperature"] = torch.tensor(3.0, dtype=torch.float64)
+    s, y, t, lam = _network_inputs(obj, 7, temperature=3.0)
     w = obj.weights(s, y, t, lam)
     assert w["weight"].shape == (7,) and float(w["weight"].std()) > 0
     hard = torch.nn.functional.cross_entropy(s, y, reduction="none")
