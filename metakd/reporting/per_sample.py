@@ -32,8 +32,8 @@ FILENAME = "per_sample.pt"
 _NOT_VALUES = ("flipped", "labels")
 LOW_MEANS_FLIPPED = frozenset({"beta1", "weight"})
 """Names whose LOW values should mark a flipped example (β1 weighs the label: a wrong label should get
-a low weight; a network's example weight vᵢ), so their AUROC scores -value; every other name scores +value (β2: lean on the teacher;
-T: a softer target)."""
+a low weight; a network's example weight vᵢ), so their AUROC scores -value; every other name scores
++value (β2: lean on the teacher; T: a softer target)."""
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ the network can then turn an example down as a whole, which normalized weights c
 equal weights leave L_train the plain mean.
 
 The network's weights ARE the metaparameters — ``mwn_w1`` [3, H], ``mwn_b1`` [H], ``mwn_w2`` [H, O],
-``mwn_b2`` [O] (O = 2, + 1 with ``per_sample_temperature``, + 1 with ``example_weight``; identity constraint; W's drawn U(±``init_scale``) with the run's metaparameter seed, b's 0,
-so every β starts near 0.5; ``meta.params.mwn_b2.init=[logit β1, logit β2]`` starts them near a chosen
-mix; with ``example_weight`` its last entry 0) — and the MLP is computed functionally from the λ tensors, so every hypergradient engine
-differentiates it unchanged and it gives weights to examples never seen in a look-ahead (its output on
+``mwn_b2`` [O] (O = 2, + 1 with ``per_sample_temperature``, + 1 with ``example_weight``; identity
+constraint; W's drawn U(±``init_scale``) with the run's metaparameter seed, b's 0, so every β starts
+near 0.5; ``meta.params.mwn_b2.init=[logit β1, logit β2]`` starts them near a chosen mix; with
+``example_weight`` its last entry 0) — and the MLP is computed functionally from the λ tensors, so every
+hypergradient engine differentiates it unchanged and it gives weights to examples never seen in a look-ahead (its output on
 all of D_train is in ``per_sample.pt``, :mod:`metakd.runs.per_sample`).
 
 Detached signals: ``detach=True`` (default) feeds ℓᵢ's value, detached, as Meta-Weight-Net does (its
