@@ -32,6 +32,8 @@
 #   mwn10wv mwn10w with an example weight (objective_kwargs.example_weight=true): a third output
 #           vᵢ = σ(z₃), started at 0.5 where σ is steepest, and L = Σ vᵢ Lᵢ / Σ vᵢ per batch, so the network
 #           can turn an example down as a whole (the dropping oracle's move) besides moving its mix
+#   mwn10ov mwn10wv started at the dropping oracle's mix instead of KD's (share 0.1, T 1: b2 = logit(0.1, 0.9)),
+#           so the labels of clean examples count and the example weight has flipped labels to turn down
 #   mwn10wd mwn10w with the loss signal detached (objective_kwargs.detach=true): the student then trains on
 #           the reweighted loss alone, not also on ∂vᵢ/∂ℓᵢ; the 10-step hypergradient is then approximate
 #   mwn10wf mwn10w frozen (meta.lr=1e-12; the schema wants > 0): the network stays at its warm start, so it
@@ -90,6 +92,8 @@ meta.params.mwn_b2.init=[-4.595,4.595]" ;;
     mwn10wu) echo "$mwn10 meta.params.temperature.init=6.5 meta.params.mwn_b2.init=[-4.595,4.595]" ;;
     mwn10wv) echo "$mwn10 train.normalize_weights=true meta.params.temperature.init=6.5 \
 objective_kwargs.example_weight=true meta.params.mwn_b2.init=[-4.595,4.595,0]" ;;
+    mwn10ov) echo "$mwn10 train.normalize_weights=true meta.params.temperature.init=1 \
+objective_kwargs.example_weight=true meta.params.mwn_b2.init=[-2.197,2.197,0]" ;;
     mwn10wd) echo "$(row_args mwn10w) objective_kwargs.detach=true" ;;
     mwn10wf) echo "$(row_args mwn10w) meta.lr=1e-12" ;;
     mwn50w) echo "$(row_args mwn10w) meta.unroll=50 meta.every=50 meta.lr=0.05" ;;
@@ -100,7 +104,7 @@ objective_kwargs.example_weight=true meta.params.mwn_b2.init=[-4.595,4.595,0]" ;
       share=${share%%-T*}
       echo "meta.method=fixed meta.values.beta1=$share meta.values.beta2=$(awk "BEGIN{print 1-$share}") \
 meta.values.temperature=$t train.normalize_weights=true" ;;
-    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wu mwn10wv mwn10wd mwn10wf mwn50w mwn100w u-s<S>-T<T> grid tpe)" >&2; return 2 ;;
+    *) echo "unknown row $1 (ce kd scalar free freewarm mwn mwn10 mwn10n mwn10nt mwn10w mwn10wu mwn10wv mwn10ov mwn10wd mwn10wf mwn50w mwn100w u-s<S>-T<T> grid tpe)" >&2; return 2 ;;
   esac
 }
 
