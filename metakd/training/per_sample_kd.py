@@ -22,8 +22,8 @@ The network's weights ARE the metaparameters — ``mwn_w1`` [3, H], ``mwn_b1`` [
 constraint; W's drawn U(±``init_scale``) with the run's metaparameter seed, b's 0, so every β starts
 near 0.5; ``meta.params.mwn_b2.init=[logit β1, logit β2]`` starts them near a chosen mix; with
 ``example_weight`` its last entry 0) — and the MLP is computed functionally from the λ tensors, so every
-hypergradient engine differentiates it unchanged and it gives weights to examples never seen in a look-ahead (its output on
-all of D_train is in ``per_sample.pt``, :mod:`metakd.runs.per_sample`).
+hypergradient engine differentiates it unchanged and it gives weights to examples never seen in a
+look-ahead (its output on all of D_train is in ``per_sample.pt``, :mod:`metakd.runs.per_sample`).
 
 Detached signals: ``detach=True`` (default) feeds ℓᵢ's value, detached, as Meta-Weight-Net does (its
 ``vnet(cost.data)``): the student's gradient is then Σᵢ vᵢ ∇ℓᵢ-type reweighting, with no gradient through
